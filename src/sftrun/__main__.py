@@ -1,0 +1,5 @@
+import sys
+
+from sftrun.cli import main
+
+sys.exit(main())

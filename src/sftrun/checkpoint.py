@@ -1,0 +1,379 @@
+"""Checkpoint format: the only code that reads or writes checkpoint folders.
+
+Owns the folder layout (see ``constants``), the atomic commit, the manifest, verification,
+listing, rotation and moving superseded checkpoints aside. Never decides *whether* a resume
+is allowed (that is ``resume``); it only says what a folder holds and whether it is intact.
+
+Commit protocol (a crash at any instant leaves every earlier checkpoint intact):
+  1. serialise each file in memory, write it into ``.tmp-checkpoint-<step>-<pid>/`` and fsync;
+  2. write ``manifest.json`` last (format version, step, identity, library versions, size
+     and sha256 of every file) and fsync it and the temporary folder;
+  3. rename the temporary folder to ``checkpoint-<step>`` (atomic) and fsync the parent.
+A folder is a checkpoint only if its manifest is present and every file matches it.
+Everything is loaded without unpickling objects: safetensors, JSON, and
+``torch.load(weights_only=True)`` on bytes whose sha256 was checked first.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from sftrun import constants as C
+from sftrun.errors import CheckpointError, DiskSpaceError
+
+# Called after each file is written during a save (tests use it to crash mid-save).
+SaveHook = Callable[[str], None]
+
+
+@dataclass
+class CheckpointPayload:
+    """Everything a checkpoint holds, as in-memory plain data and tensors."""
+
+    adapter_state: dict[str, torch.Tensor]
+    adapter_config: dict[str, Any]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    training_args: dict[str, Any]
+    rng_state: dict[str, Any]
+    identity: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One folder under the output folder and what verification found."""
+
+    path: Path
+    step: int
+    problem: str | None  # None when the checkpoint is intact
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"{C.CHECKPOINT_PREFIX}{step}"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("sftrun", "torch", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def serialise(payload: CheckpointPayload) -> dict[str, bytes]:
+    """The bytes of every checkpoint file except the manifest, in write order."""
+    adapter = {k: v.detach().cpu().contiguous() for k, v in payload.adapter_state.items()}
+    return {
+        C.ADAPTER_WEIGHTS_FILE: safetensors.torch.save(adapter, metadata={"format": "pt"}),
+        C.ADAPTER_CONFIG_FILE: _json_bytes(payload.adapter_config),
+        C.OPTIMIZER_FILE: _torch_bytes(payload.optimizer_state),
+        C.SCHEDULER_FILE: _torch_bytes(payload.scheduler_state),
+        C.TRAINING_ARGS_FILE: _torch_bytes(payload.training_args),
+        C.RNG_STATE_FILE: _torch_bytes(payload.rng_state),
+        C.TRAINER_STATE_FILE: _json_bytes(payload.trainer_state),
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save(
+    output_dir: str | Path,
+    step: int,
+    payload: CheckpointPayload,
+    hook: SaveHook | None = None,
+) -> Path:
+    """Commit ``payload`` as ``output_dir/checkpoint-<step>`` atomically and return its path.
+
+    Raises DiskSpaceError on ENOSPC and CheckpointError on any other write failure; in both
+    cases the temporary folder is removed and no existing checkpoint is touched.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(out, step)
+    tmp = out / f"{C.TMP_CHECKPOINT_PREFIX}{step}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        files = {}
+        for name, data in serialise(payload).items():
+            _write_file(tmp / name, data)
+            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if hook is not None:
+                hook(name)
+        manifest = {
+            "format_version": C.CHECKPOINT_FORMAT_VERSION,
+            "step": step,
+            "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "identity": payload.identity,
+            "versions": library_versions(),
+            "files": files,
+        }
+        _write_file(tmp / C.MANIFEST_FILE, _json_bytes(manifest))
+        if hook is not None:
+            hook(C.MANIFEST_FILE)
+        _fsync_dir(tmp)
+        if final.exists():
+            # Only reachable when re-saving a step that already has a checkpoint; keep it.
+            move_aside(out, [final])
+        os.rename(tmp, final)
+        _fsync_dir(out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskSpaceError(
+                f"disk full while writing checkpoint-{step} in {out}; the partial folder was "
+                "removed and earlier checkpoints are intact; free space (or lower "
+                "save_total_limit) and resume with --resume latest"
+            ) from None
+        raise CheckpointError(
+            f"could not write checkpoint-{step} in {out}: {exc.strerror or exc}; the partial "
+            "folder was removed and earlier checkpoints are intact"
+        ) from None
+    return final
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / C.MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: {C.MANIFEST_FILE} is missing, so the save did not finish"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: {C.MANIFEST_FILE} is damaged (not valid JSON)") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: {C.MANIFEST_FILE} has no file list")
+    if manifest.get("format_version") != C.CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {manifest.get('format_version')} is not supported "
+            f"(this sftrun reads format {C.CHECKPOINT_FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def _read_verified(path: Path, name: str, expect: dict[str, Any]) -> bytes:
+    try:
+        data = (path / name).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {name} is missing") from None
+    if len(data) != expect["size"]:
+        raise CheckpointError(
+            f"{path}: {name} is {len(data)} bytes but the manifest says {expect['size']} "
+            "(truncated or overwritten)"
+        )
+    if hashlib.sha256(data).hexdigest() != expect["sha256"]:
+        raise CheckpointError(f"{path}: {name} does not match its sha256 in the manifest (damaged)")
+    return data
+
+
+def verify(path: str | Path) -> str | None:
+    """Return None if the folder is an intact checkpoint, else what is wrong."""
+    p = Path(path)
+    try:
+        manifest = read_manifest(p)
+        for name in C.REQUIRED_CHECKPOINT_FILES:
+            if name not in manifest["files"]:
+                return f"{p}: {name} is not listed in the manifest"
+        for name, expect in manifest["files"].items():
+            _read_verified(p, name, expect)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _torch_load(data: bytes, path: Path, name: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unpickling refusal is the same user error
+        raise CheckpointError(
+            f"{path}: {name} holds something other than plain tensors and numbers, so it was "
+            f"not loaded ({type(exc).__name__}); this checkpoint was not written by sftrun"
+        ) from None
+
+
+def load(path: str | Path) -> tuple[CheckpointPayload, dict[str, Any]]:
+    """Verify and load a checkpoint; return its payload and manifest.
+
+    Raises CheckpointError naming the missing or damaged file.
+    """
+    p = Path(path)
+    manifest = read_manifest(p)
+    files = manifest["files"]
+    raw = {}
+    for name in C.REQUIRED_CHECKPOINT_FILES:
+        if name not in files:
+            raise CheckpointError(f"{p}: {name} is not listed in the manifest")
+        raw[name] = _read_verified(p, name, files[name])
+    try:
+        adapter = safetensors.torch.load(raw[C.ADAPTER_WEIGHTS_FILE])
+        adapter_config = json.loads(raw[C.ADAPTER_CONFIG_FILE])
+        trainer_state = json.loads(raw[C.TRAINER_STATE_FILE])
+    except (ValueError, safetensors.SafetensorError) as exc:
+        raise CheckpointError(f"{p}: could not parse a checkpoint file ({exc})") from None
+    payload = CheckpointPayload(
+        adapter_state=adapter,
+        adapter_config=adapter_config,
+        optimizer_state=_torch_load(raw[C.OPTIMIZER_FILE], p, C.OPTIMIZER_FILE),
+        scheduler_state=_torch_load(raw[C.SCHEDULER_FILE], p, C.SCHEDULER_FILE),
+        trainer_state=trainer_state,
+        training_args=_torch_load(raw[C.TRAINING_ARGS_FILE], p, C.TRAINING_ARGS_FILE),
+        rng_state=_torch_load(raw[C.RNG_STATE_FILE], p, C.RNG_STATE_FILE),
+        identity=manifest.get("identity", {}),
+    )
+    return payload, manifest
+
+
+def scan(output_dir: str | Path) -> list[CheckpointInfo]:
+    """Every ``checkpoint-<step>`` folder under ``output_dir``, oldest step first, verified."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for child in out.iterdir():
+        match = C.CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append(CheckpointInfo(child, int(match.group(1)), verify(child)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def temp_folders(output_dir: str | Path) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name.startswith(C.TMP_CHECKPOINT_PREFIX))
+
+
+def remove_temp_folders(output_dir: str | Path) -> list[Path]:
+    """Delete leftovers of saves that never committed (one writer per output folder)."""
+    removed = temp_folders(output_dir)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def move_aside(output_dir: str | Path, paths: list[Path]) -> Path | None:
+    """Move checkpoints into ``superseded-<timestamp>/`` (never deletes them)."""
+    if not paths:
+        return None
+    out = Path(output_dir)
+    stamp = time.strftime(C.TIMESTAMP_FORMAT)
+    dest = out / f"{C.SUPERSEDED_PREFIX}{stamp}"
+    n = 1
+    while dest.exists():
+        dest = out / f"{C.SUPERSEDED_PREFIX}{stamp}_{n}"
+        n += 1
+    dest.mkdir()
+    for p in paths:
+        os.rename(p, dest / p.name)
+    _fsync_dir(out)
+    return dest
+
+
+def rotate(output_dir: str | Path, limit: int | None, protect: set[Path]) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``limit``; never the newest valid one nor ``protect``."""
+    if limit is None:
+        return []
+    valid = [c for c in scan(output_dir) if c.valid]
+    keep = {c.path.resolve() for c in valid[-limit:]} | {p.resolve() for p in protect}
+    if valid:
+        keep.add(valid[-1].path.resolve())
+    removed: list[Path] = []
+    # Damaged folders are left for the user to inspect; only intact ones count and rotate.
+    for info in valid:
+        if len(valid) - len(removed) <= limit:
+            break
+        if info.path.resolve() not in keep:
+            shutil.rmtree(info.path)
+            removed.append(info.path)
+    return removed
+
+
+def describe_available(output_dir: Path) -> str:
+    infos = scan(output_dir)
+    if not infos:
+        return f"no checkpoints in {output_dir}"
+    names = [c.path.name + ("" if c.valid else " (incomplete)") for c in infos]
+    return f"checkpoints in {output_dir}: {', '.join(names)}"
+
+
+def resolve(arg: str, output_dir: str | Path) -> tuple[Path, list[CheckpointInfo]]:
+    """Turn ``--resume`` into a verified checkpoint folder.
+
+    ``latest`` means the newest valid checkpoint under ``output_dir``; the second value is the
+    list of newer folders that were skipped because they are not intact. Raises CheckpointError
+    with the list of checkpoints that do exist when the path is missing or invalid.
+    """
+    out = Path(output_dir)
+    if arg == C.RESUME_LATEST:
+        infos = scan(out)
+        valid = [c for c in infos if c.valid]
+        if not valid:
+            raise CheckpointError(
+                f"--resume latest: no complete checkpoint in {out} "
+                f"({describe_available(out)}); start a new run without --resume"
+            )
+        skipped = [c for c in infos if c.step > valid[-1].step]
+        return valid[-1].path, skipped
+    path = Path(arg)
+    if not path.is_dir():
+        where = path.parent if path.parent.is_dir() and path.parent != Path(".") else out
+        valid = [c for c in scan(where) if c.valid]
+        hint = f"; try --resume {valid[-1].path}" if valid else ""
+        raise CheckpointError(
+            f"checkpoint not found: {path}; {describe_available(where)}{hint} (or --resume latest)"
+        )
+    problem = verify(path)
+    if problem is not None:
+        others = [c for c in scan(path.parent) if c.valid and c.path.resolve() != path.resolve()]
+        hint = f"; resume from {others[-1].path} instead" if others else ""
+        raise CheckpointError(f"cannot resume: {problem}{hint}")
+    return path, []
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

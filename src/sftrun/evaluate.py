@@ -1,0 +1,120 @@
+"""Held-out evaluation: loss over labelled tokens and accuracy of generated replies.
+
+Owns the scorers (exact text, JSON equality) and batched greedy generation. Never changes
+the model's weights, and never consumes the global RNG (so evaluating during training cannot
+change what training does next).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftrun.data import Conversation, TokenizedData, collate
+
+
+def score_exact(pred: str, ref: str) -> bool:
+    return pred.strip() == ref.strip()
+
+
+def score_json(pred: str, ref: str) -> bool:
+    """True when both parse as JSON and are equal (key order and spacing do not matter)."""
+    try:
+        return bool(json.loads(pred) == json.loads(ref))
+    except (json.JSONDecodeError, TypeError):
+        return False
+
+
+SCORERS = {"exact": score_exact, "json": score_json}
+
+
+@dataclass
+class AccuracyResult:
+    accuracy: float
+    correct: int
+    total: int
+    samples: list[dict[str, Any]]  # prompt, reference, prediction, correct
+
+
+def split_prompt(conv: Conversation) -> tuple[list[dict[str, str]], str]:
+    """Messages before the last assistant reply, and that reply as the reference."""
+    last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
+    return conv.messages[:last], conv.messages[last]["content"]
+
+
+@torch.no_grad()
+def generation_accuracy(
+    model: Any,
+    tokenizer: Any,
+    convs: list[Conversation],
+    scorer: str,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> AccuracyResult:
+    """Greedy-generate a reply for each held-out prompt and score it against the reference."""
+    score = SCORERS[scorer]
+    was_training = model.training
+    model.eval()
+    samples = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for start in range(0, len(convs), batch_size):
+                chunk = convs[start : start + batch_size]
+                prompts, refs = zip(*(split_prompt(c) for c in chunk), strict=True)
+                texts = [
+                    tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                    for p in prompts
+                ]
+                enc = tokenizer(
+                    texts, return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new = out[:, enc["input_ids"].shape[1] :]
+                for prompt, ref, ids in zip(prompts, refs, new, strict=True):
+                    pred = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    samples.append(
+                        {
+                            "prompt": prompt[-1]["content"],
+                            "reference": ref,
+                            "prediction": pred,
+                            "correct": score(pred, ref),
+                        }
+                    )
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    correct = sum(1 for s in samples if s["correct"])
+    return AccuracyResult(correct / max(1, len(samples)), correct, len(samples), samples)
+
+
+@torch.no_grad()
+def eval_loss(
+    loss_module: nn.Module, data: TokenizedData, batch_size: int, pad_id: int, device: torch.device
+) -> float:
+    """Mean cross-entropy per labelled token over the whole held-out set."""
+    was_training = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(data), batch_size):
+            idx = list(range(start, min(len(data), start + batch_size)))
+            batch = {k: v.to(device) for k, v in collate(data, idx, pad_id).items()}
+            loss_sum, n = loss_module(**batch)
+            total += float(loss_sum)
+            count += int(n)
+    finally:
+        loss_module.train(was_training)
+    return total / max(1, count)

