@@ -315,7 +315,11 @@ def move_aside(output_dir: str | Path, paths: list[Path]) -> Path | None:
 
 
 def rotate(output_dir: str | Path, limit: int | None, protect: set[Path]) -> list[Path]:
-    """Delete the oldest checkpoints beyond ``limit``; never the newest valid one nor ``protect``."""
+    """Delete the oldest intact checkpoints beyond ``limit``.
+
+    Never deletes the newest valid checkpoint, anything in ``protect`` (the best one), or a
+    damaged folder (left for the user to inspect).
+    """
     if limit is None:
         return []
     valid = [c for c in scan(output_dir) if c.valid]

@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 
 from sftrun import constants as C
@@ -23,6 +24,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # accelerate 1.15 calls a transformers 5.23 property that is being renamed.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     hf_logging.disable_progress_bar()
 
 
@@ -57,8 +60,10 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     from sftrun.modeling import prepare_default_model
 
     report = prepare_default_model(args.out, force=args.force)
-    print(f"wrote {report['path']}; check prompt {report['check_prompt']!r} -> "
-          f"{report['check_reply']!r} (same tokens as the GGUF model)")
+    print(
+        f"wrote {report['path']}; check prompt {report['check_prompt']!r} -> "
+        f"{report['check_reply']!r} (same tokens as the GGUF model)"
+    )
     return 0
 
 
@@ -78,7 +83,9 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         formats: dict[str, int] = {}
         for conv in convs:
             formats[conv.fmt] = formats.get(conv.fmt, 0) + 1
-        print(f"{path}: {len(convs)} records OK ({', '.join(f'{k} {v}' for k, v in formats.items())})")
+        print(
+            f"{path}: {len(convs)} records OK ({', '.join(f'{k} {v}' for k, v in formats.items())})"
+        )
     return 0
 
 

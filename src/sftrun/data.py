@@ -127,7 +127,9 @@ def normalise(record: Any, where: str) -> Conversation:
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
-            raise DataError(f"{where}: turn {i} must be an object with {role_key!r} and {text_key!r}")
+            raise DataError(
+                f"{where}: turn {i} must be an object with {role_key!r} and {text_key!r}"
+            )
         role = ROLE_ALIASES.get(str(turn[role_key]).lower())
         if role is None:
             raise DataError(
@@ -196,9 +198,7 @@ def assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple
     return full, spans
 
 
-def encode(
-    tokenizer: Any, conv: Conversation, train_on: str
-) -> tuple[list[int], list[int]]:
+def encode(tokenizer: Any, conv: Conversation, train_on: str) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE_INDEX where no loss) for one conversation."""
     text, spans = assistant_spans(tokenizer, conv)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -249,9 +249,7 @@ def tokenize_file(
     return TokenizedData(all_ids, all_labels, data_fingerprint(path, render), counts)
 
 
-def collate(
-    data: TokenizedData, indices: list[int], pad_token_id: int
-) -> dict[str, torch.Tensor]:
+def collate(data: TokenizedData, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad the chosen examples into one batch."""
     width = max(len(data.input_ids[i]) for i in indices)
     n = len(indices)

@@ -146,7 +146,9 @@ def select_backend(requested: str, no_unsloth: bool) -> Backend:
     if not torch.cuda.is_available():
         return Backend("plain", "Unsloth needs CUDA and none is available; using transformers")
     if importlib.util.find_spec("unsloth") is None:
-        return Backend("plain", "Unsloth is not installed (pip install '.[unsloth]'); using transformers")
+        return Backend(
+            "plain", "Unsloth is not installed (pip install '.[unsloth]'); using transformers"
+        )
     return Backend("unsloth", "Unsloth imported with CUDA available")
 
 
@@ -164,7 +166,10 @@ def lora_config(settings: LoraSettings, base_path: str) -> Any:
 
 
 def load_lora_model(
-    path: str | Path, settings: LoraSettings, backend: Backend, compute_dtype: torch.dtype,
+    path: str | Path,
+    settings: LoraSettings,
+    backend: Backend,
+    compute_dtype: torch.dtype,
     max_seq_length: int,
 ) -> Any:
     """The base model with a freshly initialised LoRA adapter (seed the RNG first)."""
@@ -173,11 +178,16 @@ def load_lora_model(
         from unsloth import FastLanguageModel
 
         base, _ = FastLanguageModel.from_pretrained(
-            model_name=str(p), max_seq_length=max_seq_length, dtype=compute_dtype,
+            model_name=str(p),
+            max_seq_length=max_seq_length,
+            dtype=compute_dtype,
             load_in_4bit=False,
         )
         return FastLanguageModel.get_peft_model(
-            base, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            base,
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
             target_modules=list(settings.target_modules),
         )
     from peft import get_peft_model
@@ -217,8 +227,7 @@ def weights_sha256(path: str | Path) -> str:
     p = Path(path)
     digest = hashlib.sha256()
     files = sorted(
-        f for f in p.iterdir()
-        if f.suffix in (".safetensors", ".bin") or f.name in ("config.json",)
+        f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") or f.name in ("config.json",)
     )
     for f in files:
         digest.update(f.name.encode())

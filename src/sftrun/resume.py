@@ -42,8 +42,14 @@ TUNABLE = {
 }
 
 # Settings that keep the checkpoint's value whatever the config now says.
-KEPT = ("lr_scheduler_type", "warmup_ratio", "warmup_steps", "adam_beta1", "adam_beta2",
-        "adam_epsilon")
+KEPT = (
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+)
 
 
 def resolved_dtype(cfg: TrainingConfig, cuda: bool) -> str:
@@ -100,16 +106,16 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_identity(
-    old: dict[str, Any], new: dict[str, Any], allow_data_change: bool
-) -> list[str]:
+def check_identity(old: dict[str, Any], new: dict[str, Any], allow_data_change: bool) -> list[str]:
     """Raise CheckpointError listing every identity difference; return notes for allowed ones."""
     diffs = identity_differences(old, new)
     notes = []
     blocking = []
     for key, was, now in diffs:
         if key == "data_fingerprint" and allow_data_change:
-            notes.append("training data changed since the checkpoint; accepted (--allow-data-change)")
+            notes.append(
+                "training data changed since the checkpoint; accepted (--allow-data-change)"
+            )
         else:
             blocking.append((key, was, now))
     if blocking:
@@ -140,9 +146,7 @@ def config_overrides(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tupl
     """Tunable settings whose value differs from the checkpoint's, as (key, old, new)."""
     new = cfg.model_dump(mode="json")
     return [
-        (k, old_args.get(k), new[k])
-        for k in TUNABLE
-        if k in old_args and old_args.get(k) != new[k]
+        (k, old_args.get(k), new[k]) for k in TUNABLE if k in old_args and old_args.get(k) != new[k]
     ]
 
 

@@ -297,22 +297,30 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     lines = [
         "sftrun: LoRA fine-tuning",
         f"  {'model':<12} {cfg.model_name_or_path} (backend {backend.name}: {backend.reason})",
-        f"  {'trainable':<12} {_fmt_count(n_trainable)} of {_fmt_count(n_total)} parameters; "
-        f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g} on "
-        f"{', '.join(cfg.lora.target_modules)}",
+        (
+            f"  {'trainable':<12} {_fmt_count(n_trainable)} of {_fmt_count(n_total)} parameters; "
+            f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g} on "
+            f"{', '.join(cfg.lora.target_modules)}"
+        ),
         _data_line("train data", cfg.train_file, train_data),
     ]
     if eval_data is not None and cfg.eval_file:
         lines.append(_data_line("eval data", cfg.eval_file, eval_data))
     lines += [
-        f"  {'batch':<12} {cfg.per_device_train_batch_size} per device x "
-        f"{cfg.gradient_accumulation_steps} accumulation x {world} process(es) = "
-        f"{global_batch} examples per step; max_seq_length {cfg.max_seq_length}; {dtype}",
-        f"  {'length':<12} {planned} steps = {planned * global_batch / n_train:.2f} epochs; "
-        f"LR {schedule.peak_lr:g} {schedule.kind}, warm-up {schedule.warmup_steps} steps",
-        f"  {'checkpoints':<12} {out}/checkpoint-<step> every {cfg.save_steps} steps and at the "
-        f"end, about {_fmt_bytes(per_ckpt)} each"
-        + (f", keeping {cfg.save_total_limit}" if cfg.save_total_limit else ""),
+        (
+            f"  {'batch':<12} {cfg.per_device_train_batch_size} per device x "
+            f"{cfg.gradient_accumulation_steps} accumulation x {world} process(es) = "
+            f"{global_batch} examples per step; max_seq_length {cfg.max_seq_length}; {dtype}"
+        ),
+        (
+            f"  {'length':<12} {planned} steps = {planned * global_batch / n_train:.2f} epochs; "
+            f"LR {schedule.peak_lr:g} {schedule.kind}, warm-up {schedule.warmup_steps} steps"
+        ),
+        (
+            f"  {'checkpoints':<12} {out}/checkpoint-<step> every {cfg.save_steps} steps and at "
+            f"the end, about {_fmt_bytes(per_ckpt)} each"
+            + (f", keeping {cfg.save_total_limit}" if cfg.save_total_limit else "")
+        ),
     ]
     if ckpt_path is not None:
         epoch = state.samples_seen / n_train
@@ -363,7 +371,10 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         log.info(
             "restored from %s: adapter (%d tensors), optimizer, schedule, step %d, "
             "%d samples seen, RNG states",
-            ckpt_path, len(payload.adapter_state), state.global_step, state.samples_seen,
+            ckpt_path,
+            len(payload.adapter_state),
+            state.global_step,
+            state.samples_seen,
         )
     loss_module, optimizer = accelerator.prepare(LabelOnlyLoss(peft_model), optimizer)
     device = accelerator.device
@@ -371,7 +382,9 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     board = Board(stamp) if accelerator.is_main_process else None
     if board is not None:
         board.text("config", f"```\n{summary}\n```", state.global_step)
-        log.info("TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path)
+        log.info(
+            "TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path
+        )
 
     # 8. Accuracy before training (fresh runs; a resume reports the first run's value).
     if payload is None and eval_convs and cfg.eval_accuracy != "none":
@@ -379,7 +392,9 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         state.accuracy_before = before.accuracy
         log.info(
             "held-out accuracy before training: %.1f%% (%d/%d)",
-            100 * before.accuracy, before.correct, before.total,
+            100 * before.accuracy,
+            before.correct,
+            before.total,
         )
 
     # 9. The loop. The RNG is (re)set last so step 0, or the resume step, starts from a
@@ -389,8 +404,20 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     else:
         rng.seed_everything(cfg.seed)
     ctx = _LoopContext(
-        cfg, opts, accelerator, loss_module, optimizer, peft_model, schedule, train_data,
-        eval_data, identity, state, board, planned, global_batch,
+        cfg,
+        opts,
+        accelerator,
+        loss_module,
+        optimizer,
+        peft_model,
+        schedule,
+        train_data,
+        eval_data,
+        identity,
+        state,
+        board,
+        planned,
+        global_batch,
     )
     stopper = StopRequest()
     with stopper.installed():
@@ -398,8 +425,13 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
 
     # 10. Final evaluation (only when the run reached its end).
     result = RunResult(
-        state.global_step, planned, last, log_file, board.path if board else None,
-        accuracy_before=state.accuracy_before, stopped_by=stopper.signal_name,
+        state.global_step,
+        planned,
+        last,
+        log_file,
+        board.path if board else None,
+        accuracy_before=state.accuracy_before,
+        stopped_by=stopper.signal_name,
     )
     result.seconds = time.perf_counter() - started
     result.tokens_per_second = ctx.tokens_per_second()
@@ -411,12 +443,17 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         )
         log.info(
             "held-out accuracy after training: %.1f%% (%d/%d); before training: %s",
-            100 * after.accuracy, after.correct, after.total, before_txt,
+            100 * after.accuracy,
+            after.correct,
+            after.total,
+            before_txt,
         )
         for sample in after.samples[:3]:
             log.info(
                 "  example: %s\n    reference:  %s\n    prediction: %s",
-                sample["prompt"], sample["reference"], sample["prediction"],
+                sample["prompt"],
+                sample["reference"],
+                sample["prediction"],
             )
         if board is not None:
             board.scalars(state.global_step, {"eval/accuracy": after.accuracy})
@@ -426,12 +463,20 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
 
 
 def _accuracy(
-    peft_model: Any, tokenizer: Any, convs: list[Conversation], cfg: TrainingConfig,
+    peft_model: Any,
+    tokenizer: Any,
+    convs: list[Conversation],
+    cfg: TrainingConfig,
     device: torch.device,
 ) -> AccuracyResult:
     return generation_accuracy(
-        peft_model, tokenizer, convs, cfg.eval_accuracy, cfg.eval_max_new_tokens,
-        cfg.per_device_eval_batch_size, device,
+        peft_model,
+        tokenizer,
+        convs,
+        cfg.eval_accuracy,
+        cfg.eval_max_new_tokens,
+        cfg.per_device_eval_batch_size,
+        device,
     )
 
 
@@ -531,7 +576,9 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
             epoch = state.samples_seen / n_train
             bar.update(1)
             bar.set_postfix(
-                epoch=f"{epoch:.2f}", loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                epoch=f"{epoch:.2f}",
+                loss=f"{loss:.4f}",
+                lr=f"{lr:.2e}",
                 tok_s=f"{step_tokens / seconds:.0f}",
             )
 
@@ -548,16 +595,25 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                 state.log_history.append(entry)
                 log.info(
                     "step %d/%d epoch %.2f loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
-                    gs, ctx.planned, epoch, entry["loss"], lr, entry["grad_norm"],
+                    gs,
+                    ctx.planned,
+                    epoch,
+                    entry["loss"],
+                    lr,
+                    entry["grad_norm"],
                     entry["tokens_per_second"],
                 )
                 if ctx.board is not None:
-                    ctx.board.scalars(gs, {
-                        "train/loss": entry["loss"], "train/learning_rate": lr,
-                        "train/grad_norm": entry["grad_norm"],
-                        "train/tokens_per_second": entry["tokens_per_second"],
-                        "train/epoch": epoch,
-                    })
+                    ctx.board.scalars(
+                        gs,
+                        {
+                            "train/loss": entry["loss"],
+                            "train/learning_rate": lr,
+                            "train/grad_norm": entry["grad_norm"],
+                            "train/tokens_per_second": entry["tokens_per_second"],
+                            "train/epoch": epoch,
+                        },
+                    )
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
             do_eval = ctx.eval_data is not None and (
                 (cfg.eval_steps and gs % cfg.eval_steps == 0) or gs == ctx.planned
@@ -570,7 +626,9 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                 log.warning(
                     "stopped by %s at step %d; resume with: python run_model_training.py "
                     "--resume %s -y",
-                    stopper.signal_name, gs, last_saved,
+                    stopper.signal_name,
+                    gs,
+                    last_saved,
                 )
                 break
     finally:
@@ -590,11 +648,16 @@ def _evaluate(ctx: _LoopContext, pad_id: int) -> None:
     assert ctx.eval_data is not None
     state = ctx.state
     value = eval_loss(
-        ctx.loss_module, ctx.eval_data, ctx.cfg.per_device_eval_batch_size, pad_id,
+        ctx.loss_module,
+        ctx.eval_data,
+        ctx.cfg.per_device_eval_batch_size,
+        pad_id,
         ctx.accelerator.device,
     )
     epoch = state.samples_seen / len(ctx.train_data)
-    state.log_history.append({"step": state.global_step, "epoch": round(epoch, 4), "eval_loss": value})
+    state.log_history.append(
+        {"step": state.global_step, "epoch": round(epoch, 4), "eval_loss": value}
+    )
     log.info("step %d eval_loss %.4f", state.global_step, value)
     if ctx.board is not None:
         ctx.board.scalars(state.global_step, {"eval/loss": value})
@@ -664,11 +727,15 @@ def _save(ctx: _LoopContext) -> Path:
         path = checkpoint.save(
             ctx.cfg.output_dir, ctx.state.global_step, payload, hook=ctx.opts.save_hook
         )
-        protect = {Path(ctx.state.best_model_checkpoint)} if ctx.state.best_model_checkpoint else set()
+        protect = (
+            {Path(ctx.state.best_model_checkpoint)} if ctx.state.best_model_checkpoint else set()
+        )
         removed = checkpoint.rotate(ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect)
         log.info(
             "saved %s (%s, %.2f s)%s",
-            path, _fmt_bytes(checkpoint.dir_size(path)), time.perf_counter() - t0,
+            path,
+            _fmt_bytes(checkpoint.dir_size(path)),
+            time.perf_counter() - t0,
             f"; removed {', '.join(p.name for p in removed)}" if removed else "",
         )
     acc.wait_for_everyone()

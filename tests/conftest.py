@@ -1,0 +1,139 @@
+"""Shared fixtures: a tiny Llama model and tokenizer built in code, sample data, configs.
+
+The tiny model (2 layers, hidden 32) makes a full train -> save -> resume cycle run on the
+CPU in seconds, with no network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(out: Path, sample_texts: list[str]) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on ``sample_texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sample_texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+    )
+    fast.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sftrun.sample_task import write_sample_data
+
+    out = tmp_path_factory.mktemp("data")
+    write_sample_data(out, n_train=24, n_eval=6, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
+    texts = (sample_dir / "train.jsonl").read_text().splitlines()
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts)
+
+
+def tiny_settings(tiny_model: Path, sample_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Config for a 12-step run: 24 examples, global batch 4 (2 x 2), 2 epochs."""
+    settings: dict[str, Any] = {
+        "model_name_or_path": str(tiny_model),
+        "train_file": str(sample_dir / "train.jsonl"),
+        "eval_file": str(sample_dir / "eval.jsonl"),
+        "output_dir": "checkpoints/sft_model",
+        "max_seq_length": 160,
+        "num_train_epochs": 2,
+        "learning_rate": 5e-3,
+        "warmup_steps": 2,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "eval_steps": 6,
+        "eval_accuracy": "none",
+        "seed": 11,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+    }
+    settings.update(overrides)
+    return settings
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run inside an empty folder: checkpoints/ and outputs/ land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_config(workdir: Path, tiny_model: Path, sample_dir: Path):
+    """Factory: write a tiny config (with overrides) and return its path."""
+
+    def make(name: str = "config.yaml", **overrides: Any) -> Path:
+        return write_config(workdir / name, tiny_settings(tiny_model, sample_dir, **overrides))
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.use_deterministic_algorithms(True)
+
+
+PYTHON = sys.executable

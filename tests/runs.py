@@ -1,0 +1,56 @@
+"""Helpers to run sftrun in a subprocess and read what a run left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+def run_sftrun(
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    script: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m sftrun ARGS`` (or a helper script) in ``cwd``; output captured."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, str(HELPERS / script)] if script else [sys.executable, "-m", "sftrun"]
+    return subprocess.run(
+        cmd + args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def adapter(ckpt: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(ckpt / "adapter_model.safetensors")
+
+
+def step_records(history: list[dict[str, Any]], after: int = 0) -> dict[int, dict[str, Any]]:
+    """Per-step train records (loss, LR, grad norm) with step > after, keyed by step."""
+    keys = ("loss", "learning_rate", "grad_norm", "epoch")
+    return {
+        h["step"]: {k: h[k] for k in keys} for h in history if "loss" in h and h["step"] > after
+    }
+
+
+def eval_records(history: list[dict[str, Any]], after: int = 0) -> dict[int, float]:
+    return {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h and h["step"] > after}
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
