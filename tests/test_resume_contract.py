@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from tests.conftest import tiny_settings, write_config
 from tests.runs import (
     adapter,
@@ -265,3 +266,43 @@ def tiny_settings_dict(tiny_model: Path, sample_dir: Path) -> dict:
 def test_trainer_state_is_plain_json(run_to_6: Path) -> None:
     state = json.loads((run_to_6 / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and state["max_steps"] == 12
+
+
+def test_out_of_memory_says_how_to_resume(
+    tiny_config, monkeypatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sftrun.modeling import LabelOnlyLoss
+
+    tiny_config()
+    real_forward = LabelOnlyLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 8:  # 2 micro-batches per step: fail in step 5
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LabelOnlyLoss, "forward", forward)
+    assert train() == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "error: out of GPU memory at step 5 with micro-batch 2, accumulation 2, max_seq_length "
+        "160; resume with per_device_train_batch_size=1 gradient_accumulation_steps=4 (same "
+        "global batch 4, so `--resume latest` continues at the exact data position); the last "
+        "committed checkpoint is intact\n"
+    )
+    assert checkpoint.verify(OUT / "checkpoint-3") is None
+
+
+def test_best_checkpoint_is_tracked_and_survives_rotation(tiny_config, monkeypatch) -> None:
+    import sftrun.trainer as trainer_module
+
+    tiny_config(save_total_limit=1, eval_steps=3, metric_for_best_model="eval_loss")
+    losses = iter([0.5, 0.2, 0.9, 0.7])  # step 6 is the best
+    monkeypatch.setattr(trainer_module, "eval_loss", lambda *a, **k: next(losses))
+    assert train() == 0
+    assert sorted(p.name for p in OUT.iterdir()) == ["checkpoint-12", "checkpoint-6"]
+    state = trainer_state(OUT / "checkpoint-12")
+    assert state["best_metric"] == 0.2 and state["best_step"] == 6
+    assert state["best_model_checkpoint"] == str(OUT / "checkpoint-6")

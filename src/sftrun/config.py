@@ -77,6 +77,9 @@ class TrainingConfig(BaseModel):
     save_steps: int = Field(500, gt=0, description="Commit a checkpoint every N steps.")
     eval_steps: int = Field(0, ge=0, description="Held-out loss every N steps; 0 = at end only.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints.")
+    metric_for_best_model: Literal["eval_loss"] | None = Field(
+        None, description="Track the best checkpoint by this metric and never rotate it away."
+    )
 
     # held-out generation accuracy (before and after training)
     eval_accuracy: Literal["exact", "json", "none"] = Field(

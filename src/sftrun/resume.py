@@ -30,6 +30,7 @@ TUNABLE = {
     "save_steps": "new interval from the resume step on",
     "eval_steps": "new interval from the resume step on",
     "save_total_limit": "new limit at the next save",
+    "metric_for_best_model": "new value from the resume step on",
     "per_device_train_batch_size": "same global batch split differently; same data position",
     "gradient_accumulation_steps": "same global batch split differently; same data position",
     "weight_decay": "new value from the resume step on",

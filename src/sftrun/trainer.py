@@ -29,7 +29,7 @@ from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import Conversation, TokenizedData, collate, read_conversations, tokenize_file
 from sftrun.errors import DiskSpaceError, SftrunError
-from sftrun.evaluate import AccuracyResult, eval_loss, generation_accuracy
+from sftrun.evaluate import eval_loss, generation_accuracy
 from sftrun.modeling import (
     LabelOnlyLoss,
     load_lora_model,
@@ -93,6 +93,7 @@ class TrainState:
     label_tokens_seen: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float | None = None
+    best_step: int | None = None
     best_model_checkpoint: str | None = None
     accuracy_before: float | None = None
     resumed_from: list[int] = field(default_factory=list)
@@ -204,35 +205,118 @@ def run_training(cfg: TrainingConfig, opts: RunOptions) -> RunResult:
 
 def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> RunResult:
     started = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    dtype = resolved_dtype(cfg, cuda)
-    out = Path(cfg.output_dir)
+    plan = _plan(cfg, opts)  # checkpoint, data, identity, length, schedule: all checked
+    model = _build_model(cfg, plan)  # base model + LoRA; refuses without disk space
+    summary = _summary(cfg, plan, model, log_file)
+    log.info("%s", summary)
+    log.info("resolved config: %s", config_to_dict(cfg))
+    if not opts.yes and not (opts.confirm or _default_confirm)(summary):
+        log.info("cancelled; nothing was changed")
+        return RunResult(plan.state.global_step, plan.planned, None, log_file, None, cancelled=True)
 
-    # 1. The checkpoint to resume from, verified before anything slow happens.
+    _tidy_output_folder(plan)  # only after confirmation: temp folders, newer checkpoints
+    optimizer = _optimizer(cfg, plan, model.peft_model)  # restored when resuming
+    loss_module, optimizer = plan.accelerator.prepare(LabelOnlyLoss(model.peft_model), optimizer)
+    board = Board(stamp) if plan.accelerator.is_main_process else None
+    if board is not None:
+        board.text("config", f"```\n{summary}\n```", plan.state.global_step)
+        log.info(
+            "TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path
+        )
+    if plan.payload is None:
+        plan.state.accuracy_before = _report_accuracy(cfg, plan, model.peft_model, "before")
+
+    # The RNG is set last, so step 0 (or the resume step) starts from a defined state
+    # whatever the setup above consumed.
+    if plan.payload is not None:
+        rng.restore(plan.payload.rng_state)
+    else:
+        rng.seed_everything(cfg.seed)
+    ctx = _LoopContext(
+        cfg,
+        opts,
+        plan.accelerator,
+        loss_module,
+        optimizer,
+        model.peft_model,
+        plan.schedule,
+        plan.train_data,
+        plan.eval_data,
+        plan.identity,
+        plan.state,
+        board,
+        plan.planned,
+        plan.global_batch,
+    )
+    stopper = StopRequest()
+    with stopper.installed():
+        last = _train_loop(ctx, stopper)
+
+    result = RunResult(
+        plan.state.global_step,
+        plan.planned,
+        last,
+        log_file,
+        board.path if board else None,
+        accuracy_before=plan.state.accuracy_before,
+        stopped_by=stopper.signal_name,
+    )
+    if stopper.signal_name is None:
+        result.accuracy_after = _report_accuracy(cfg, plan, model.peft_model, "after")
+        if board is not None and result.accuracy_after is not None:
+            board.scalars(plan.state.global_step, {"eval/accuracy": result.accuracy_after})
+    if board is not None:
+        board.close()
+    result.seconds = time.perf_counter() - started
+    result.tokens_per_second = ctx.tokens_per_second()
+    return result
+
+
+@dataclass
+class _Plan:
+    """Everything decided before the model is built; all of it checked."""
+
+    accelerator: Any
+    dtype: str
+    out: Path
+    backend: Any
+    tokenizer: Any
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+    eval_convs: list[Conversation]
+    identity: dict[str, Any]
+    global_batch: int
+    planned: int
+    state: TrainState
+    schedule: Schedule
     ckpt_path: Path | None = None
-    payload = None
-    skipped: list[checkpoint.CheckpointInfo] = []
+    payload: checkpoint.CheckpointPayload | None = None
+    skipped: list[checkpoint.CheckpointInfo] = field(default_factory=list)
+    newer: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
+    """Verify the checkpoint, read the data, compare identities and plan length and LR."""
+    dtype = resolved_dtype(cfg, torch.cuda.is_available())
+    out = Path(cfg.output_dir)
+    # The checkpoint first: a wrong path should fail before anything slow happens.
+    ckpt_path, payload, skipped = None, None, []
     if opts.resume:
         ckpt_path, skipped = checkpoint.resolve(opts.resume, out)
         payload, _ = checkpoint.load(ckpt_path)
 
-    # 2. Backend, tokenizer and data (every bad record is reported before training).
-    backend = select_backend(cfg.backend, opts.no_unsloth)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train_data = tokenize_file(
         tokenizer, cfg.train_file, cfg.max_seq_length, cfg.overlong, cfg.train_on
     )
-    eval_data: TokenizedData | None = None
-    eval_convs: list[Conversation] = []
+    eval_data, eval_convs = None, []
     if cfg.eval_file:
         eval_data = tokenize_file(
             tokenizer, cfg.eval_file, cfg.max_seq_length, cfg.overlong, cfg.train_on
         )
-        eval_convs = read_conversations(cfg.eval_file)
-        if cfg.eval_max_samples:
-            eval_convs = eval_convs[: cfg.eval_max_samples]
+        eval_convs = read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None]
 
-    # 3. Identity and plan; a resume checks the identity and re-plans the tunables.
     accelerator = _make_accelerator(dtype)
     world = accelerator.num_processes
     identity = build_identity(
@@ -244,240 +328,190 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         world_size=world,
     )
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    n_train = len(train_data)
-    planned = total_steps(n_train, global_batch, cfg.num_train_epochs, cfg.max_steps)
-    state = TrainState()
-    notes: list[str] = []
-    if payload is not None:
-        notes += check_identity(payload.identity, identity, opts.allow_data_change)
-        ts = payload.trainer_state
-        state = TrainState(
-            global_step=int(ts["global_step"]),
-            samples_seen=int(ts["samples_seen"]),
-            tokens_seen=int(ts.get("tokens_seen", 0)),
-            label_tokens_seen=int(ts.get("label_tokens_seen", 0)),
-            log_history=list(ts.get("log_history", [])),
-            best_metric=ts.get("best_metric"),
-            best_model_checkpoint=ts.get("best_model_checkpoint"),
-            accuracy_before=ts.get("accuracy_before"),
-            resumed_from=list(ts.get("resumed_from", [])) + [int(ts["global_step"])],
-        )
-        old_schedule = Schedule.from_dict(payload.scheduler_state["schedule"])
-        plan = plan_schedule(old_schedule, state.global_step, cfg.learning_rate, planned)
-        schedule = plan.schedule
-        for key, was, now in config_overrides(payload.training_args, cfg):
-            notes.append(f"override {key}: {was!r} -> {now!r}")
-        for key, was, now in ignored_changes(payload.training_args, cfg):
-            notes.append(f"kept {key}={was!r} from the checkpoint (config says {now!r})")
-        if plan.changed:
-            notes.append(
-                f"LR at step {state.global_step}: {plan.lr_before:.3g} -> {plan.lr_after:.3g}; "
-                f"decay now ends at step {schedule.total_steps}"
-            )
-    else:
-        schedule = build_schedule(
+    planned = total_steps(len(train_data), global_batch, cfg.num_train_epochs, cfg.max_steps)
+    plan = _Plan(
+        accelerator,
+        dtype,
+        out,
+        select_backend(cfg.backend, opts.no_unsloth),
+        tokenizer,
+        train_data,
+        eval_data,
+        eval_convs,
+        identity,
+        global_batch,
+        planned,
+        TrainState(),
+        build_schedule(
             cfg.lr_scheduler_type, cfg.learning_rate, planned, cfg.warmup_steps, cfg.warmup_ratio
-        )
-    newer = [
-        c.path for c in checkpoint.scan(out) if payload is not None and c.step > state.global_step
-    ]
+        ),
+        ckpt_path,
+        payload,
+        skipped,
+    )
+    if payload is not None:
+        _plan_resume(cfg, opts, plan, payload)
+    return plan
 
-    # 4. Model with a LoRA adapter (seeded init; a resume overwrites it below).
+
+def _plan_resume(
+    cfg: TrainingConfig, opts: RunOptions, plan: _Plan, payload: checkpoint.CheckpointPayload
+) -> None:
+    """Check identity, restore the trainer state and re-plan what the config changed."""
+    plan.notes += check_identity(payload.identity, plan.identity, opts.allow_data_change)
+    ts = payload.trainer_state
+    step = int(ts["global_step"])
+    plan.state = TrainState(
+        global_step=step,
+        samples_seen=int(ts["samples_seen"]),
+        tokens_seen=int(ts.get("tokens_seen", 0)),
+        label_tokens_seen=int(ts.get("label_tokens_seen", 0)),
+        log_history=list(ts.get("log_history", [])),
+        best_metric=ts.get("best_metric"),
+        best_step=ts.get("best_step"),
+        best_model_checkpoint=ts.get("best_model_checkpoint"),
+        accuracy_before=ts.get("accuracy_before"),
+        resumed_from=[*ts.get("resumed_from", []), step],
+    )
+    old = Schedule.from_dict(payload.scheduler_state["schedule"])
+    lr_plan = plan_schedule(old, step, cfg.learning_rate, plan.planned)
+    plan.schedule = lr_plan.schedule
+    for key, was, now in config_overrides(payload.training_args, cfg):
+        plan.notes.append(f"override {key}: {was!r} -> {now!r}")
+    for key, was, now in ignored_changes(payload.training_args, cfg):
+        plan.notes.append(f"kept {key}={was!r} from the checkpoint (config says {now!r})")
+    if lr_plan.changed:
+        plan.notes.append(
+            f"LR at step {step}: {lr_plan.lr_before:.3g} -> {lr_plan.lr_after:.3g}; "
+            f"decay now ends at step {plan.schedule.total_steps}"
+        )
+    plan.newer = [c.path for c in checkpoint.scan(plan.out) if c.step > step]
+
+
+@dataclass
+class _Model:
+    peft_model: Any
+    params: list[torch.nn.Parameter]
+    n_total: int
+    checkpoint_bytes: int
+
+
+def _build_model(cfg: TrainingConfig, plan: _Plan) -> _Model:
+    """Base model with a LoRA adapter; its init is seeded (a resume overwrites it)."""
     rng.seed_everything(cfg.seed)
-    compute_dtype = torch.float32 if dtype == "float32" or not cuda else torch.bfloat16
+    compute_dtype = torch.bfloat16 if plan.dtype == "bfloat16" else torch.float32
     peft_model = load_lora_model(
-        cfg.model_name_or_path, cfg.lora, backend, compute_dtype, cfg.max_seq_length
+        cfg.model_name_or_path, cfg.lora, plan.backend, compute_dtype, cfg.max_seq_length
     )
     params = trainable_parameters(peft_model)
-    n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in peft_model.parameters())
-    per_ckpt = _check_disk(out, params)
+    return _Model(peft_model, params, n_total, _check_disk(plan.out, params))
 
-    # 5. Summary and confirmation.
+
+def _summary(cfg: TrainingConfig, plan: _Plan, model: _Model, log_file: Path) -> str:
+    n_train = len(plan.train_data)
+    n_trainable = sum(p.numel() for p in model.params)
+    sched = plan.schedule
     lines = [
         "sftrun: LoRA fine-tuning",
-        f"  {'model':<12} {cfg.model_name_or_path} (backend {backend.name}: {backend.reason})",
-        (
-            f"  {'trainable':<12} {_fmt_count(n_trainable)} of {_fmt_count(n_total)} parameters; "
-            f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g} on "
-            f"{', '.join(cfg.lora.target_modules)}"
-        ),
-        _data_line("train data", cfg.train_file, train_data),
+        f"  {'model':<12} {cfg.model_name_or_path} "
+        f"(backend {plan.backend.name}: {plan.backend.reason})",
+        f"  {'trainable':<12} {_fmt_count(n_trainable)} of {_fmt_count(model.n_total)} "
+        f"parameters; LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g}"
+        f" on {', '.join(cfg.lora.target_modules)}",
+        _data_line("train data", cfg.train_file, plan.train_data),
     ]
-    if eval_data is not None and cfg.eval_file:
-        lines.append(_data_line("eval data", cfg.eval_file, eval_data))
+    if plan.eval_data is not None and cfg.eval_file:
+        lines.append(_data_line("eval data", cfg.eval_file, plan.eval_data))
+    epochs = plan.planned * plan.global_batch / n_train
     lines += [
-        (
-            f"  {'batch':<12} {cfg.per_device_train_batch_size} per device x "
-            f"{cfg.gradient_accumulation_steps} accumulation x {world} process(es) = "
-            f"{global_batch} examples per step; max_seq_length {cfg.max_seq_length}; {dtype}"
-        ),
-        (
-            f"  {'length':<12} {planned} steps = {planned * global_batch / n_train:.2f} epochs; "
-            f"LR {schedule.peak_lr:g} {schedule.kind}, warm-up {schedule.warmup_steps} steps"
-        ),
-        (
-            f"  {'checkpoints':<12} {out}/checkpoint-<step> every {cfg.save_steps} steps and at "
-            f"the end, about {_fmt_bytes(per_ckpt)} each"
-            + (f", keeping {cfg.save_total_limit}" if cfg.save_total_limit else "")
-        ),
+        f"  {'batch':<12} {cfg.per_device_train_batch_size} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation x {plan.accelerator.num_processes} "
+        f"process(es) = {plan.global_batch} examples per step; max_seq_length "
+        f"{cfg.max_seq_length}; {plan.dtype}",
+        f"  {'length':<12} {plan.planned} steps = {epochs:.2f} epochs; LR {sched.peak_lr:g} "
+        f"{sched.kind}, warm-up {sched.warmup_steps} steps",
+        f"  {'checkpoints':<12} {plan.out}/checkpoint-<step> every {cfg.save_steps} steps and "
+        f"at the end, about {_fmt_bytes(model.checkpoint_bytes)} each"
+        + (f", keeping {cfg.save_total_limit}" if cfg.save_total_limit else ""),
     ]
-    if ckpt_path is not None:
-        epoch = state.samples_seen / n_train
-        planned_epochs = planned * global_batch / n_train
+    if plan.ckpt_path is not None:
+        epoch = plan.state.samples_seen / n_train
         lines.append(
-            f"  {'resume':<12} from {ckpt_path}: step {state.global_step}/{planned}, epoch "
-            f"{epoch:.2f}/{planned_epochs:.2f} ({100 * epoch / planned_epochs:.1f}%)"
+            f"  {'resume':<12} from {plan.ckpt_path}: step {plan.state.global_step}/"
+            f"{plan.planned}, epoch {epoch:.2f}/{epochs:.2f} ({100 * epoch / epochs:.1f}%)"
         )
-        for info in skipped:
-            lines.append(f"  {'skipped':<12} {info.path.name}: {info.problem}")
-        if newer:
+        lines += [f"  {'skipped':<12} {i.path.name}: {i.problem}" for i in plan.skipped]
+        if plan.newer:
             lines.append(
-                f"  {'move aside':<12} {', '.join(p.name for p in newer)} are newer than the "
-                "resume step; they will be moved into a superseded-<timestamp>/ folder"
+                f"  {'move aside':<12} {', '.join(p.name for p in plan.newer)} are newer than "
+                "the resume step; they will be moved into a superseded-<timestamp>/ folder"
             )
-    lines += [f"  {'note':<12} {n}" for n in notes]
+    lines += [f"  {'note':<12} {n}" for n in plan.notes]
     lines.append(f"  {'logs':<12} {log_file}")
-    summary = "\n".join(lines)
-    log.info("%s", summary)
-    log.info("resolved config: %s", config_to_dict(cfg))
-    if not opts.yes:
-        confirm = opts.confirm or _default_confirm
-        if not confirm(summary):
-            log.info("cancelled; nothing was changed")
-            return RunResult(state.global_step, planned, None, log_file, None, cancelled=True)
+    return "\n".join(lines)
 
-    # 6. Housekeeping that changes the output folder, only after confirmation.
-    if accelerator.is_main_process:
-        for tmp in checkpoint.remove_temp_folders(out):
-            log.info("removed unfinished save %s", tmp)
-        moved = checkpoint.move_aside(out, newer)
-        if moved is not None:
-            log.info("moved %s into %s", ", ".join(p.name for p in newer), moved)
 
-    # 7. Optimizer; restore weights, optimizer, RNG from the checkpoint.
+def _tidy_output_folder(plan: _Plan) -> None:
+    if not plan.accelerator.is_main_process:
+        return
+    for tmp in checkpoint.remove_temp_folders(plan.out):
+        log.info("removed unfinished save %s", tmp)
+    moved = checkpoint.move_aside(plan.out, plan.newer)
+    if moved is not None:
+        log.info("moved %s into %s", ", ".join(p.name for p in plan.newer), moved)
+
+
+def _optimizer(cfg: TrainingConfig, plan: _Plan, peft_model: Any) -> torch.optim.Optimizer:
+    """AdamW over the adapter; when resuming, adapter and optimizer come from the checkpoint."""
     optimizer = torch.optim.AdamW(
-        params,
-        lr=schedule.lr(state.global_step),
+        trainable_parameters(peft_model),
+        lr=plan.schedule.lr(plan.state.global_step),
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
     )
-    if payload is not None:
-        _restore_adapter(peft_model, payload.adapter_state, ckpt_path)
-        optimizer.load_state_dict(payload.optimizer_state)
+    if plan.payload is not None:
+        _restore_adapter(peft_model, plan.payload.adapter_state, plan.ckpt_path)
+        optimizer.load_state_dict(plan.payload.optimizer_state)
         for group in optimizer.param_groups:
-            group["weight_decay"] = cfg.weight_decay  # tunable; the rest comes from the checkpoint
+            group["weight_decay"] = cfg.weight_decay  # tunable; betas/eps stay the checkpoint's
         log.info(
             "restored from %s: adapter (%d tensors), optimizer, schedule, step %d, "
             "%d samples seen, RNG states",
-            ckpt_path,
-            len(payload.adapter_state),
-            state.global_step,
-            state.samples_seen,
+            plan.ckpt_path,
+            len(plan.payload.adapter_state),
+            plan.state.global_step,
+            plan.state.samples_seen,
         )
-    loss_module, optimizer = accelerator.prepare(LabelOnlyLoss(peft_model), optimizer)
-    device = accelerator.device
+    return optimizer
 
-    board = Board(stamp) if accelerator.is_main_process else None
-    if board is not None:
-        board.text("config", f"```\n{summary}\n```", state.global_step)
-        log.info(
-            "TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path
-        )
 
-    # 8. Accuracy before training (fresh runs; a resume reports the first run's value).
-    if payload is None and eval_convs and cfg.eval_accuracy != "none":
-        before = _accuracy(peft_model, tokenizer, eval_convs, cfg, device)
-        state.accuracy_before = before.accuracy
-        log.info(
-            "held-out accuracy before training: %.1f%% (%d/%d)",
-            100 * before.accuracy,
-            before.correct,
-            before.total,
-        )
-
-    # 9. The loop. The RNG is (re)set last so step 0, or the resume step, starts from a
-    #    defined state whatever setup consumed.
-    if payload is not None:
-        rng.restore(payload.rng_state)
-    else:
-        rng.seed_everything(cfg.seed)
-    ctx = _LoopContext(
-        cfg,
-        opts,
-        accelerator,
-        loss_module,
-        optimizer,
+def _report_accuracy(cfg: TrainingConfig, plan: _Plan, peft_model: Any, when: str) -> float | None:
+    """Held-out generation accuracy, logged; None when there is nothing to score."""
+    if not plan.eval_convs or cfg.eval_accuracy == "none":
+        return None
+    result = generation_accuracy(
         peft_model,
-        schedule,
-        train_data,
-        eval_data,
-        identity,
-        state,
-        board,
-        planned,
-        global_batch,
-    )
-    stopper = StopRequest()
-    with stopper.installed():
-        last = _train_loop(ctx, stopper)
-
-    # 10. Final evaluation (only when the run reached its end).
-    result = RunResult(
-        state.global_step,
-        planned,
-        last,
-        log_file,
-        board.path if board else None,
-        accuracy_before=state.accuracy_before,
-        stopped_by=stopper.signal_name,
-    )
-    result.seconds = time.perf_counter() - started
-    result.tokens_per_second = ctx.tokens_per_second()
-    if stopper.signal_name is None and eval_convs and cfg.eval_accuracy != "none":
-        after = _accuracy(peft_model, tokenizer, eval_convs, cfg, device)
-        result.accuracy_after = after.accuracy
-        before_txt = (
-            f"{100 * state.accuracy_before:.1f}%" if state.accuracy_before is not None else "n/a"
-        )
-        log.info(
-            "held-out accuracy after training: %.1f%% (%d/%d); before training: %s",
-            100 * after.accuracy,
-            after.correct,
-            after.total,
-            before_txt,
-        )
-        for sample in after.samples[:3]:
-            log.info(
-                "  example: %s\n    reference:  %s\n    prediction: %s",
-                sample["prompt"],
-                sample["reference"],
-                sample["prediction"],
-            )
-        if board is not None:
-            board.scalars(state.global_step, {"eval/accuracy": after.accuracy})
-    if board is not None:
-        board.close()
-    return result
-
-
-def _accuracy(
-    peft_model: Any,
-    tokenizer: Any,
-    convs: list[Conversation],
-    cfg: TrainingConfig,
-    device: torch.device,
-) -> AccuracyResult:
-    return generation_accuracy(
-        peft_model,
-        tokenizer,
-        convs,
+        plan.tokenizer,
+        plan.eval_convs,
         cfg.eval_accuracy,
         cfg.eval_max_new_tokens,
         cfg.per_device_eval_batch_size,
-        device,
+        plan.accelerator.device,
     )
+    line = f"held-out accuracy {when} training: {100 * result.accuracy:.1f}% "
+    line += f"({result.correct}/{result.total})"
+    if when == "after":
+        before = plan.state.accuracy_before
+        line += f"; before training: {'n/a' if before is None else f'{100 * before:.1f}%'}"
+        for sample in result.samples[:3]:
+            line += (
+                f"\n  example: {sample['prompt']}\n    reference:  {sample['reference']}"
+                f"\n    prediction: {sample['prediction']}"
+            )
+    log.info("%s", line)
+    return result.accuracy
 
 
 def _restore_adapter(peft_model: Any, state: dict[str, torch.Tensor], path: Path | None) -> None:
@@ -631,9 +665,26 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                     last_saved,
                 )
                 break
+    except torch.OutOfMemoryError:
+        raise SftrunError(_oom_message(cfg, state.global_step, ctx.global_batch)) from None
     finally:
         bar.close()
     return last_saved
+
+
+def _oom_message(cfg: TrainingConfig, step: int, global_batch: int) -> str:
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    fix = (
+        f"resume with per_device_train_batch_size={micro // 2} gradient_accumulation_steps="
+        f"{accum * 2} (same global batch {global_batch}, so `--resume latest` continues at the "
+        "exact data position)"
+        if micro > 1
+        else "lower max_seq_length or use a smaller model (both need a new run)"
+    )
+    return (
+        f"out of GPU memory at step {step + 1} with micro-batch {micro}, accumulation {accum}, "
+        f"max_seq_length {cfg.max_seq_length}; {fix}; the last committed checkpoint is intact"
+    )
 
 
 def _pad_id(peft_model: Any) -> int:
@@ -661,11 +712,10 @@ def _evaluate(ctx: _LoopContext, pad_id: int) -> None:
     log.info("step %d eval_loss %.4f", state.global_step, value)
     if ctx.board is not None:
         ctx.board.scalars(state.global_step, {"eval/loss": value})
-    if state.best_metric is None or value < state.best_metric:
+    # Lower is better. The best *checkpoint* is set when this step is saved (see _save).
+    if ctx.cfg.metric_for_best_model and (state.best_metric is None or value < state.best_metric):
         state.best_metric = value
-        state.best_model_checkpoint = str(
-            checkpoint.checkpoint_path(ctx.cfg.output_dir, state.global_step)
-        )
+        state.best_step = state.global_step
 
 
 def _trainer_state(ctx: _LoopContext) -> dict[str, Any]:
@@ -683,6 +733,7 @@ def _trainer_state(ctx: _LoopContext) -> dict[str, Any]:
         "train_batch_size": cfg.per_device_train_batch_size,
         "log_history": state.log_history,
         "best_metric": state.best_metric,
+        "best_step": state.best_step,
         "best_model_checkpoint": state.best_model_checkpoint,
         "num_input_tokens_seen": state.tokens_seen,
         # sftrun's own
@@ -703,6 +754,8 @@ def _save(ctx: _LoopContext) -> Path:
     acc = ctx.accelerator
     acc.wait_for_everyone()
     path = checkpoint.checkpoint_path(ctx.cfg.output_dir, ctx.state.global_step)
+    if ctx.state.best_step == ctx.state.global_step:
+        ctx.state.best_model_checkpoint = str(path)
     if acc.is_main_process:
         t0 = time.perf_counter()
         peft_model = ctx.peft_model
