@@ -381,3 +381,32 @@ def resolve(arg: str, output_dir: str | Path) -> tuple[Path, list[CheckpointInfo
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def peek(path: str | Path) -> dict[str, Any]:
+    """Best-effort view of a folder for listings: trainer state and manifest, unverified.
+
+    Never raises; missing or unreadable parts are simply absent. Use ``load`` for anything
+    that feeds training.
+    """
+    p = Path(path)
+    view: dict[str, Any] = {}
+    for key, name in (("state", C.TRAINER_STATE_FILE), ("manifest", C.MANIFEST_FILE)):
+        try:
+            view[key] = json.loads((p / name).read_text())
+        except (OSError, ValueError):
+            pass
+    try:
+        view["mtime"] = p.stat().st_mtime
+        view["size"] = dir_size(p)
+    except OSError:
+        pass
+    return view
+
+
+def delete(path: Path) -> int:
+    """Remove a checkpoint folder; return the bytes freed."""
+    size = dir_size(path)
+    shutil.rmtree(path)
+    _fsync_dir(path.parent)
+    return size

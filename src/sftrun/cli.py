@@ -12,6 +12,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from sftrun import constants as C
 from sftrun.errors import SftrunError
@@ -76,16 +77,211 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from sftrun.data import read_conversations
+    from sftrun.data import validate_file
 
+    bad = 0
     for path in args.files:
-        convs = read_conversations(path)
+        convs, errors = validate_file(path)
+        for message in errors:
+            print(message)
+        bad += len(errors)
         formats: dict[str, int] = {}
         for conv in convs:
             formats[conv.fmt] = formats.get(conv.fmt, 0) + 1
+        summary = ", ".join(f"{k} {v}" for k, v in formats.items()) or "none"
+        state = "OK" if not errors else f"{len(errors)} bad"
+        print(f"{path}: {len(convs)} good records ({summary}); {state}")
+    return 1 if bad else 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=C.DEFAULT_CONFIG_PATH,
+        help=f"YAML config (default {C.DEFAULT_CONFIG_PATH})",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lora.r=8"
+    )
+
+
+def _output_dir(args: argparse.Namespace) -> str:
+    if args.dir:
+        return str(args.dir)
+    from sftrun.config import load_config
+
+    path = args.config if os.path.exists(args.config) else None
+    return load_config(path).output_dir
+
+
+def cmd_ckpt_list(args: argparse.Namespace) -> int:
+    import json
+
+    from sftrun.inventory import list_rows, render_table, rows_as_dicts
+
+    out = _output_dir(args)
+    rows = list_rows(out)
+    if args.json:
+        print(json.dumps(rows_as_dicts(rows), indent=2))
+    else:
+        print(render_table(rows, out))
+    return 0
+
+
+def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
+    from sftrun import checkpoint
+    from sftrun.config import load_config
+    from sftrun.inventory import fmt_bytes
+    from sftrun.trainer import preview_resume
+
+    path = Path(args.checkpoint)
+    problem = checkpoint.verify(path) if path.is_dir() else f"{path} does not exist"
+    view = checkpoint.peek(path)
+    manifest, state = view.get("manifest", {}), view.get("state", {})
+    print(f"{path}: {'valid' if problem is None else 'INVALID: ' + problem}")
+    if manifest:
         print(
-            f"{path}: {len(convs)} records OK ({', '.join(f'{k} {v}' for k, v in formats.items())})"
+            f"  written      {manifest.get('created')}  (format {manifest.get('format_version')})"
         )
+        versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+        print(f"  versions     {versions}")
+        for name, entry in sorted(manifest.get("files", {}).items()):
+            print(
+                f"  file         {name:<26} {fmt_bytes(entry['size']):>9}  "
+                f"sha256 {entry['sha256'][:12]}"
+            )
+        for key, value in manifest.get("identity", {}).items():
+            print(f"  identity     {key} = {value}")
+    if state:
+        planned = state.get("num_train_epochs") or 0
+        progress = f" ({100 * state['epoch'] / planned:.1f}%)" if planned else ""
+        print(
+            f"  progress     step {state.get('global_step')}/{state.get('max_steps')}, epoch "
+            f"{state.get('epoch', 0):.2f}/{planned:.2f}{progress}, {state.get('samples_seen')} "
+            f"samples, {state.get('tokens_seen')} tokens"
+        )
+        losses = [h for h in state.get("log_history", []) if "loss" in h]
+        if losses:
+            last = losses[-1]
+            print(f"  last log     loss {last['loss']:.4f}, lr {last['learning_rate']:.3e}")
+        if state.get("resumed_from"):
+            print(f"  resumed at   steps {state['resumed_from']}")
+    if problem is not None:
+        return 1
+    cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
+    preview = preview_resume(cfg, path, args.allow_data_change)
+    print(f"resume with {args.config}:")
+    if preview["refusals"]:
+        for line in preview["refusals"]:
+            print(f"  would refuse {line}")
+    else:
+        print(
+            f"  allowed      {preview['steps_left']} steps left "
+            f"(to step {preview['planned_steps']})"
+        )
+    for key, was, now in preview["overrides"]:
+        print(f"  override     {key}: {was!r} -> {now!r}")
+    for key, was, now in preview["kept"]:
+        print(f"  kept         {key}={was!r} from the checkpoint (config says {now!r})")
+    if preview["lr_after"] is not None:
+        print(
+            f"  LR at step   {preview['step']}: {preview['lr_before']:.3g} -> "
+            f"{preview['lr_after']:.3g}; decay ends at step {preview['decay_ends']}"
+        )
+    return 0
+
+
+def cmd_ckpt_verify(args: argparse.Namespace) -> int:
+    from sftrun import checkpoint
+
+    if args.all or not args.checkpoints:
+        paths = [i.path for i in checkpoint.scan(_output_dir(args))]
+    else:
+        paths = [Path(p) for p in args.checkpoints]
+    if not paths:
+        print("no checkpoints to verify", file=sys.stderr)
+        return 1
+    failed = 0
+    for path in paths:
+        problem = checkpoint.verify(path) if path.is_dir() else f"{path} does not exist"
+        failed += problem is not None
+        print(f"OK      {path}" if problem is None else f"FAILED  {problem}")
+    return 1 if failed else 0
+
+
+def cmd_ckpt_prune(args: argparse.Namespace) -> int:
+    from sftrun.inventory import fmt_bytes, prune
+
+    removed = prune(_output_dir(args), args.keep, args.keep_best)
+    for path, size in removed:
+        print(f"deleted {path} ({fmt_bytes(size)})")
+    total = sum(size for _, size in removed)
+    print(
+        f"freed {fmt_bytes(total)}; kept the newest {args.keep}"
+        + (" and the best" if args.keep_best else "")
+    )
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from sftrun import constants as C
+    from sftrun.config import load_config
+    from sftrun.modeling import load_tokenizer
+    from sftrun.trainer import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    train, held_out = prepare_data(cfg, load_tokenizer(cfg.model_name_or_path))
+    for name, data in (("train", train), ("eval", held_out)):
+        if data is not None:
+            c = data.counts
+            print(
+                f"{name}: {len(data)} examples, {data.num_tokens:,} tokens, "
+                f"{data.num_label_tokens:,} with loss; truncated {c['truncated']}, "
+                f"dropped {c['dropped']}"
+            )
+    print(f"wrote {C.DATA_STAGE_DIR}/stats.md, stats.json and the tokenized cache")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sftrun.config import load_config
+    from sftrun.report import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.eval_file:
+        raise SftrunError("eval_file is not set in the config; set eval_file=PATH")
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    out, results = run_eval(cfg, ckpt, args.base, args.name)
+    for name, r in results.items():
+        acc = (
+            f", accuracy {100 * r['accuracy']:.1f}% ({r['correct']}/{r['scored']})"
+            if "accuracy" in r
+            else ""
+        )
+        print(f"{name}: eval_loss {r['eval_loss']:.4f}, perplexity {r['perplexity']:.3f}{acc}")
+    print(f"wrote {out}/report.md, metrics.json" + (", training_curves.png" if ckpt else ""))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sftrun.export import default_export_dir, merge
+
+    out = args.out or default_export_dir(args.checkpoint)
+    report = merge(args.checkpoint, out, args.base)
+    print(
+        f"wrote {report['path']}: merged model + tokenizer; reloaded with transformers, max "
+        f"logit difference to the adapter model {report['max_abs_logit_diff']:.1e}"
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sftrun.export import chat, load_adapter_model
+
+    loaded = load_adapter_model(args.checkpoint, args.base)
+    if args.prompt is None:
+        print("chat with the fine-tuned model; /reset clears the history, /exit leaves")
+    chat(loaded, args.prompt, args.system, args.max_new_tokens, args.temperature)
     return 0
 
 
@@ -145,12 +341,72 @@ def build_parser() -> argparse.ArgumentParser:
     validate = data.add_parser("validate", help="check data files and name every bad line")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_data_validate)
+    prepare = data.add_parser("prepare", help="validate and tokenize the configured data")
+    _config_args(prepare)
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(
+        dest="ckpt_command", required=True
+    )
+    lst = ckpt.add_parser("list", help="table of every checkpoint")
+    lst.add_argument("dir", nargs="?", help="checkpoint folder (default: output_dir)")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.add_argument("--config", default=C.DEFAULT_CONFIG_PATH)
+    lst.set_defaults(func=cmd_ckpt_list)
+    inspect = ckpt.add_parser("inspect", help="one checkpoint, and a dry run of resuming it")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--allow-data-change", action="store_true")
+    _config_args(inspect)
+    inspect.set_defaults(func=cmd_ckpt_inspect)
+    verify = ckpt.add_parser("verify", help="check files against the manifest (exit 0/1)")
+    verify.add_argument("checkpoints", nargs="*")
+    verify.add_argument("--all", action="store_true", help="every checkpoint in output_dir")
+    verify.add_argument("--dir", help="checkpoint folder for --all (default: output_dir)")
+    verify.add_argument("--config", default=C.DEFAULT_CONFIG_PATH)
+    verify.set_defaults(func=cmd_ckpt_verify)
+    prune = ckpt.add_parser("prune", help="delete older checkpoints (never the newest)")
+    prune.add_argument("dir", nargs="?", help="checkpoint folder (default: output_dir)")
+    prune.add_argument("--keep", type=int, required=True, help="how many newest to keep")
+    prune.add_argument("--keep-best", action="store_true", help="also keep the best one")
+    prune.add_argument("--config", default=C.DEFAULT_CONFIG_PATH)
+    prune.set_defaults(func=cmd_ckpt_prune)
+
+    ev = sub.add_parser("eval", help="held-out loss, perplexity, accuracy, report and plots")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="evaluate this checkpoint's adapter")
+    ev.add_argument("--base", action="store_true", help="evaluate the base model (too)")
+    ev.add_argument("--name", help="report folder name under outputs/4_evaluation/")
+    _config_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    mg = sub.add_parser("merge", help="merge the adapter into the base model (stage 5)")
+    mg.add_argument("--checkpoint", required=True)
+    mg.add_argument("--out", help="destination (default outputs/5_export/<checkpoint>)")
+    mg.add_argument("--base", help="base model folder (default: the one it was trained on)")
+    mg.set_defaults(func=cmd_merge)
+
+    ch = sub.add_parser("chat", help="chat with the fine-tuned model")
+    ch.add_argument("--checkpoint", required=True)
+    ch.add_argument("--prompt", help="one message, one reply, then exit")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ch.add_argument("--base", help="base model folder (default: the one it was trained on)")
+    ch.set_defaults(func=cmd_chat)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, non-zero with one line on stderr)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE overrides may follow options that follow a positional argument
+    # (`ckpt inspect DIR --config c.yaml lr=1`), which plain argparse cannot interleave.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if "overrides" in vars(args) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     try:
         return int(args.func(args))

@@ -153,6 +153,50 @@ def read_conversations(path: str | Path) -> list[Conversation]:
     return [normalise(obj, f"{p}:{n}") for n, obj in records]
 
 
+def validate_file(path: str | Path) -> tuple[list[Conversation], list[str]]:
+    """Check every record; return the good conversations and one message per bad record."""
+    p = Path(path)
+    try:
+        records = _read_records_lenient(p)
+    except DataError as exc:
+        return [], [str(exc)]
+    good, errors = [], []
+    for n, obj in records:
+        if isinstance(obj, DataError):
+            errors.append(str(obj))
+            continue
+        try:
+            good.append(normalise(obj, f"{p}:{n}"))
+        except DataError as exc:
+            errors.append(str(exc))
+    if not records:
+        errors.append(f"{p}: no records; the file is empty")
+    return good, errors
+
+
+def _read_records_lenient(path: Path) -> list[tuple[int, Any]]:
+    """Like _read_records, but a JSONL line that does not parse becomes a DataError entry."""
+    if path.suffix == ".json" or not path.is_file():
+        return _read_records(path)
+    out: list[tuple[int, Any]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            out.append(
+                (
+                    lineno,
+                    DataError(
+                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                        "each line must be one JSON object"
+                    ),
+                )
+            )
+    return out
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -215,6 +215,21 @@ def _has_module(model: nn.Module, name: str) -> bool:
     return name in _linear_names(model)
 
 
+def restore_adapter(peft_model: Any, state: dict[str, torch.Tensor], source: Path | None) -> None:
+    """Load adapter tensors saved by sftrun; every name must match this model's LoRA layers."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    expected = set(get_peft_model_state_dict(peft_model))
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:3]
+        extra = sorted(set(state) - expected)[:3]
+        raise ModelError(
+            f"{source}: the adapter tensors do not match this model's LoRA layers "
+            f"(missing {missing}, unexpected {extra}); use the config the checkpoint was made with"
+        )
+    set_peft_model_state_dict(peft_model, state)
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -107,12 +107,23 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+IDENTITY_LABELS = {
+    "data_fingerprint": "training data (content or rendering settings)",
+    "base_model_sha256": "base model weights",
+    "tokenizer_sha256": "tokenizer or chat template",
+    "global_batch_size": "global batch size (micro-batch x accumulation x processes)",
+}
+
+
+def describe_difference(key: str, was: Any, now: Any) -> str:
+    return f"{IDENTITY_LABELS.get(key, key)}: {_short(was)} -> {_short(now)}"
+
+
 def check_identity(old: dict[str, Any], new: dict[str, Any], allow_data_change: bool) -> list[str]:
     """Raise CheckpointError listing every identity difference; return notes for allowed ones."""
-    diffs = identity_differences(old, new)
     notes = []
     blocking = []
-    for key, was, now in diffs:
+    for key, was, now in identity_differences(old, new):
         if key == "data_fingerprint" and allow_data_change:
             notes.append(
                 "training data changed since the checkpoint; accepted (--allow-data-change)"
@@ -120,15 +131,6 @@ def check_identity(old: dict[str, Any], new: dict[str, Any], allow_data_change: 
         else:
             blocking.append((key, was, now))
     if blocking:
-        parts = []
-        for key, was, now in blocking:
-            label = {
-                "data_fingerprint": "training data (content or rendering settings)",
-                "base_model_sha256": "base model weights",
-                "tokenizer_sha256": "tokenizer or chat template",
-                "global_batch_size": "global batch size (micro-batch x accumulation x processes)",
-            }.get(key, key)
-            parts.append(f"{label}: {_short(was)} -> {_short(now)}")
         fix = (
             "; pass --allow-data-change to accept changed data"
             if any(k == "data_fingerprint" for k, _, _ in blocking)
@@ -136,7 +138,7 @@ def check_identity(old: dict[str, Any], new: dict[str, Any], allow_data_change: 
         )
         raise CheckpointError(
             "the model is not compatible with the checkpoint: "
-            + "; ".join(parts)
+            + "; ".join(describe_difference(*d) for d in blocking)
             + "; put these settings back to the checkpoint's values, or start a new run with "
             "another output_dir" + fix
         )

@@ -27,13 +27,16 @@ import torch
 from sftrun import checkpoint, rng
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
-from sftrun.data import Conversation, TokenizedData, collate, read_conversations, tokenize_file
+from sftrun.data import Conversation, TokenizedData, collate, read_conversations
+from sftrun.datastage import load_or_tokenize, write_report
+from sftrun.datastage import stats as data_stats
 from sftrun.errors import DiskSpaceError, SftrunError
 from sftrun.evaluate import eval_loss, generation_accuracy
 from sftrun.modeling import (
     LabelOnlyLoss,
     load_lora_model,
     load_tokenizer,
+    restore_adapter,
     select_backend,
     tokenizer_sha256,
     trainable_parameters,
@@ -44,6 +47,8 @@ from sftrun.resume import (
     build_identity,
     check_identity,
     config_overrides,
+    describe_difference,
+    identity_differences,
     ignored_changes,
     plan_schedule,
     resolved_dtype,
@@ -307,26 +312,14 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
         payload, _ = checkpoint.load(ckpt_path)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    train_data = tokenize_file(
-        tokenizer, cfg.train_file, cfg.max_seq_length, cfg.overlong, cfg.train_on
+    train_data, eval_data = prepare_data(cfg, tokenizer)
+    eval_convs = (
+        read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None] if cfg.eval_file else []
     )
-    eval_data, eval_convs = None, []
-    if cfg.eval_file:
-        eval_data = tokenize_file(
-            tokenizer, cfg.eval_file, cfg.max_seq_length, cfg.overlong, cfg.train_on
-        )
-        eval_convs = read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None]
 
     accelerator = _make_accelerator(dtype)
     world = accelerator.num_processes
-    identity = build_identity(
-        cfg,
-        base_model_sha256=weights_sha256(cfg.model_name_or_path),
-        tokenizer_sha256=tokenizer_sha256(tokenizer),
-        data_fingerprint=train_data.fingerprint,
-        dtype=dtype,
-        world_size=world,
-    )
+    identity = _identity(cfg, tokenizer, train_data, dtype, world)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     planned = total_steps(len(train_data), global_batch, cfg.num_train_epochs, cfg.max_steps)
     plan = _Plan(
@@ -386,6 +379,85 @@ def _plan_resume(
             f"decay now ends at step {plan.schedule.total_steps}"
         )
     plan.newer = [c.path for c in checkpoint.scan(plan.out) if c.step > step]
+
+
+def prepare_data(cfg: TrainingConfig, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None]:
+    """Stage 1: validated, tokenized train/eval data (from the cache when it is current).
+
+    Also writes ``outputs/1_data/stats.json`` and ``stats.md``.
+    """
+    tok_sha = tokenizer_sha256(tokenizer)
+    splits = {"train": cfg.train_file, **({"eval": cfg.eval_file} if cfg.eval_file else {})}
+    loaded: dict[str, TokenizedData] = {}
+    for split, path in splits.items():
+        data, cached = load_or_tokenize(
+            tokenizer, tok_sha, path, cfg.max_seq_length, cfg.overlong, cfg.train_on
+        )
+        log.info("%s data %s: %s", split, path, "tokenized cache hit" if cached else "tokenized")
+        loaded[split] = data
+    write_report({k: (splits[k], data_stats(v)) for k, v in loaded.items()})
+    return loaded["train"], loaded.get("eval")
+
+
+def _identity(
+    cfg: TrainingConfig, tokenizer: Any, train_data: TokenizedData, dtype: str, world: int
+) -> dict[str, Any]:
+    return build_identity(
+        cfg,
+        base_model_sha256=weights_sha256(cfg.model_name_or_path),
+        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        data_fingerprint=train_data.fingerprint,
+        dtype=dtype,
+        world_size=world,
+    )
+
+
+def preview_resume(cfg: TrainingConfig, path: Path, allow_data_change: bool) -> dict[str, Any]:
+    """What ``--resume path`` would do with this config, without changing anything.
+
+    Returns the differences that would refuse the resume, the overrides that would be taken,
+    the settings kept from the checkpoint, the LR at the resume step before/after, and the
+    steps left. Raises CheckpointError only when the checkpoint itself is not intact.
+    """
+    payload, _ = checkpoint.load(path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    train_data, _ = load_or_tokenize(
+        tokenizer,
+        tokenizer_sha256(tokenizer),
+        cfg.train_file,
+        cfg.max_seq_length,
+        cfg.overlong,
+        cfg.train_on,
+    )
+    world = int(payload.training_args.get("world_size", 1))
+    dtype = resolved_dtype(cfg, torch.cuda.is_available())
+    identity = _identity(cfg, tokenizer, train_data, dtype, world)
+    refusals = [
+        describe_difference(*d)
+        for d in identity_differences(payload.identity, identity)
+        if not (d[0] == "data_fingerprint" and allow_data_change)
+    ]
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    planned = total_steps(len(train_data), global_batch, cfg.num_train_epochs, cfg.max_steps)
+    step = int(payload.trainer_state["global_step"])
+    old = Schedule.from_dict(payload.scheduler_state["schedule"])
+    preview: dict[str, Any] = {
+        "step": step,
+        "planned_steps": planned,
+        "steps_left": max(0, planned - step),
+        "refusals": refusals,
+        "overrides": config_overrides(payload.training_args, cfg),
+        "kept": ignored_changes(payload.training_args, cfg),
+        "lr_before": old.lr(step),
+    }
+    try:
+        lr_plan = plan_schedule(old, step, cfg.learning_rate, planned)
+        preview["lr_after"] = lr_plan.lr_after
+        preview["decay_ends"] = lr_plan.schedule.total_steps
+    except SftrunError as exc:
+        preview["refusals"].append(str(exc))
+        preview["lr_after"] = None
+    return preview
 
 
 @dataclass
@@ -472,7 +544,7 @@ def _optimizer(cfg: TrainingConfig, plan: _Plan, peft_model: Any) -> torch.optim
         weight_decay=cfg.weight_decay,
     )
     if plan.payload is not None:
-        _restore_adapter(peft_model, plan.payload.adapter_state, plan.ckpt_path)
+        restore_adapter(peft_model, plan.payload.adapter_state, plan.ckpt_path)
         optimizer.load_state_dict(plan.payload.optimizer_state)
         for group in optimizer.param_groups:
             group["weight_decay"] = cfg.weight_decay  # tunable; betas/eps stay the checkpoint's
@@ -512,20 +584,6 @@ def _report_accuracy(cfg: TrainingConfig, plan: _Plan, peft_model: Any, when: st
             )
     log.info("%s", line)
     return result.accuracy
-
-
-def _restore_adapter(peft_model: Any, state: dict[str, torch.Tensor], path: Path | None) -> None:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    expected = set(get_peft_model_state_dict(peft_model))
-    if set(state) != expected:
-        missing = sorted(expected - set(state))[:3]
-        extra = sorted(set(state) - expected)[:3]
-        raise SftrunError(
-            f"{path}: the adapter tensors do not match this model's LoRA layers "
-            f"(missing {missing}, unexpected {extra}); use the config the checkpoint was made with"
-        )
-    set_peft_model_state_dict(peft_model, state)
 
 
 @dataclass

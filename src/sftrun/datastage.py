@@ -1,0 +1,132 @@
+"""Pipeline stage 1 (``outputs/1_data/``): validated, tokenized data, its cache and stats.
+
+Owns the tokenized cache (one safetensors file per data fingerprint + tokenizer, so that
+repeated runs and resumes do not re-tokenize) and the stats report. Never decides data order
+or touches checkpoints. The cache holds integers only (safetensors); nothing in it can run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from sftrun import constants as C
+from sftrun.constants import IGNORE_INDEX
+from sftrun.data import TokenizedData, data_fingerprint, tokenize_file
+
+CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
+
+
+def cache_key(path: str | Path, tokenizer_sha: str, render: dict[str, Any]) -> str:
+    return hashlib.sha256(f"{data_fingerprint(path, render)}:{tokenizer_sha}".encode()).hexdigest()[
+        :32
+    ]
+
+
+def _save_cache(target: Path, data: TokenizedData) -> None:
+    lengths = torch.tensor([len(x) for x in data.input_ids], dtype=torch.int64)
+    tensors = {
+        "lengths": lengths,
+        "input_ids": torch.tensor([t for x in data.input_ids for t in x], dtype=torch.int64),
+        "labels": torch.tensor([t for x in data.labels for t in x], dtype=torch.int64),
+    }
+    meta = {"fingerprint": data.fingerprint, "counts": json.dumps(data.counts)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    safetensors.torch.save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, target)  # atomic: a reader sees the old file, the new one, or none
+
+
+def _load_cache(target: Path) -> TokenizedData | None:
+    try:
+        with safetensors.safe_open(str(target), framework="pt") as fh:
+            meta = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in ("lengths", "input_ids", "labels")}
+    except (OSError, safetensors.SafetensorError, KeyError):
+        return None  # missing or damaged: tokenize again
+    ids, labels = [], []
+    start = 0
+    flat_ids, flat_labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
+    for n in tensors["lengths"].tolist():
+        ids.append(flat_ids[start : start + n])
+        labels.append(flat_labels[start : start + n])
+        start += n
+    return TokenizedData(ids, labels, meta["fingerprint"], json.loads(meta["counts"]))
+
+
+def load_or_tokenize(
+    tokenizer: Any,
+    tokenizer_sha: str,
+    path: str | Path,
+    max_seq_length: int,
+    overlong: str,
+    train_on: str,
+) -> tuple[TokenizedData, bool]:
+    """Tokenized data from the cache when present; return it and whether the cache served it."""
+    render = {"max_seq_length": max_seq_length, "overlong": overlong, "train_on": train_on}
+    target = CACHE_DIR / f"{cache_key(path, tokenizer_sha, render)}.safetensors"
+    cached = _load_cache(target)
+    if cached is not None:
+        return cached, True
+    data = tokenize_file(tokenizer, path, max_seq_length, overlong, train_on)
+    _save_cache(target, data)
+    return data, False
+
+
+def stats(data: TokenizedData) -> dict[str, Any]:
+    """Counts, token-length histogram (power-of-two bins) and the share of loss tokens."""
+    lengths = [len(x) for x in data.input_ids]
+    hist: dict[str, int] = {}
+    for n in lengths:
+        upper = 1 << max(0, (n - 1).bit_length())
+        key = f"{upper // 2 + 1}-{upper}"
+        hist[key] = hist.get(key, 0) + 1
+    return {
+        "examples": len(data),
+        "counts": data.counts,
+        "tokens": data.num_tokens,
+        "label_tokens": data.num_label_tokens,
+        "assistant_token_share": data.num_label_tokens / max(1, data.num_tokens),
+        "length_min": min(lengths),
+        "length_mean": sum(lengths) / len(lengths),
+        "length_max": max(lengths),
+        "length_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0]))),
+        "fingerprint": data.fingerprint,
+        "label_ignore_index": IGNORE_INDEX,
+    }
+
+
+def write_report(reports: dict[str, tuple[str, dict[str, Any]]]) -> tuple[Path, Path]:
+    """Write ``stats.json`` and ``stats.md`` for {split: (file, stats)}; return both paths."""
+    out = Path(C.DATA_STAGE_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").write_text(
+        json.dumps({k: {"file": f, **s} for k, (f, s) in reports.items()}, indent=2) + "\n"
+    )
+    lines = ["# Data stats", ""]
+    for split, (file, st) in reports.items():
+        c = st["counts"]
+        formats = ", ".join(f"{k[7:]} {v}" for k, v in c.items() if k.startswith("format_"))
+        lines += [
+            f"## {split}: `{file}`",
+            "",
+            f"- examples: {st['examples']} kept of {c['records']} records ({formats})",
+            f"- truncated: {c['truncated']}, dropped: {c['dropped']}",
+            f"- tokens: {st['tokens']:,}; with loss: {st['label_tokens']:,} "
+            f"({100 * st['assistant_token_share']:.1f}%)",
+            f"- length: min {st['length_min']}, mean {st['length_mean']:.1f}, "
+            f"max {st['length_max']}",
+            "",
+            "| tokens | examples |",
+            "|---|---|",
+            *[f"| {k} | {v} |" for k, v in st["length_histogram"].items()],
+            "",
+        ]
+    (out / "stats.md").write_text("\n".join(lines))
+    return out / "stats.json", out / "stats.md"
