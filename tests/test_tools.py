@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_settings, write_config
+from tests.conftest import main_in, tiny_settings, write_config
 
 from sftrun.cli import main
 
@@ -22,23 +21,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, sample_d
     cwd = tmp_path_factory.mktemp("tools")
     settings = tiny_settings(tiny_model, sample_dir, eval_accuracy="exact", eval_max_new_tokens=4)
     write_config(cwd / "config.yaml", settings)
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        assert main(["train", "-y", "--config", "config.yaml", "max_steps=6"]) == 0
-        assert (
-            main(["train", "-y", "--config", "config.yaml", "--resume", "latest", "max_steps=12"])
-            == 0
-        )
-    finally:
-        os.chdir(old)
-    return cwd
+    return main_in(
+        cwd,
+        ["train", "-y", "--config", "config.yaml", "max_steps=6"],
+        ["train", "-y", "--config", "config.yaml", "--resume", "latest", "max_steps=12"],
+    )
 
 
 @pytest.fixture
-def run_dir(trained: Path, workdir: Path) -> Path:
-    shutil.copytree(trained, workdir, dirs_exist_ok=True)
-    return workdir
+def run_dir(trained: Path, copy_into_workdir) -> Path:
+    return copy_into_workdir(trained)
 
 
 def _flip(path: Path) -> None:

@@ -282,8 +282,9 @@ class LabelOnlyLoss(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         base = self.peft_model.get_base_model()
+        # No KV cache: training never reuses it, and building one costs memory.
         hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != C.IGNORE_INDEX

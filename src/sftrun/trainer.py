@@ -631,6 +631,9 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
             # This step's samples: the next global batch of the stream, this rank's share.
             indices = step_indices(cfg.seed, n_train, state.samples_seen, ctx.global_batch)
             mine = indices[rank * micro * accum : (rank + 1) * micro * accum]
+            # Group similar lengths into the same micro-batch: less padding, and the step
+            # still sums over exactly the same samples (so the position and the math hold).
+            mine.sort(key=lambda i: len(ctx.train_data.input_ids[i]))
             batches = [
                 collate(ctx.train_data, mine[i * micro : (i + 1) * micro], pad_id)
                 for i in range(accum)
