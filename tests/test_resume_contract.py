@@ -64,6 +64,40 @@ def test_identity_change_is_refused_naming_every_setting(
     assert checkpoint.verify(run_to_6) is None
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("dtype=bfloat16", "dtype: 'float32' -> 'bfloat16'"),
+        ("lora.target_modules=[q_proj]", "lora.target_modules: ['q_proj', 'v_proj'] -> ['q_proj']"),
+        ("lora.alpha=16", "lora.alpha: 8.0 -> 16.0"),
+        ("lora.dropout=0.2", "lora.dropout: 0.1 -> 0.2"),
+        ("overlong=drop", "training data (content or rendering settings)"),
+    ],
+)
+def test_each_other_identity_setting_is_checked(
+    run_to_6: Path, capsys: pytest.CaptureFixture[str], override: str, named: str
+) -> None:
+    assert train("--resume", str(run_to_6), override) == 4
+    assert named in capsys.readouterr().err
+
+
+def test_changed_chat_template_is_refused(
+    run_to_6: Path, tiny_model: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = workdir / "retemplated"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    template_file = other / "chat_template.jinja"
+    if template_file.exists():
+        template_file.write_text(template_file.read_text().replace("<|im_start|>", "<|im_start|> "))
+    else:
+        config["chat_template"] = config["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+        (other / "tokenizer_config.json").write_text(json.dumps(config))
+    assert train("--resume", str(run_to_6), f"model_name_or_path={other}") == 4
+    err = capsys.readouterr().err
+    assert "tokenizer or chat template: " in err
+
+
 def test_changed_base_model_is_refused(
     run_to_6: Path, tiny_model: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -317,13 +317,16 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
         read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None] if cfg.eval_file else []
     )
 
-    accelerator = _make_accelerator(dtype)
-    world = accelerator.num_processes
+    # The process count without creating the Accelerator yet: its mixed-precision setting
+    # is fixed for the life of the process, so it must come after the checks below.
+    from accelerate import PartialState
+
+    world = PartialState().num_processes
     identity = _identity(cfg, tokenizer, train_data, dtype, world)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     planned = total_steps(len(train_data), global_batch, cfg.num_train_epochs, cfg.max_steps)
     plan = _Plan(
-        accelerator,
+        None,
         dtype,
         out,
         select_backend(cfg.backend, opts.no_unsloth),
@@ -344,6 +347,7 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
     )
     if payload is not None:
         _plan_resume(cfg, opts, plan, payload)
+    plan.accelerator = _make_accelerator(dtype)
     return plan
 
 
@@ -631,9 +635,6 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
             # This step's samples: the next global batch of the stream, this rank's share.
             indices = step_indices(cfg.seed, n_train, state.samples_seen, ctx.global_batch)
             mine = indices[rank * micro * accum : (rank + 1) * micro * accum]
-            # Group similar lengths into the same micro-batch: less padding, and the step
-            # still sums over exactly the same samples (so the position and the math hold).
-            mine.sort(key=lambda i: len(ctx.train_data.input_ids[i]))
             batches = [
                 collate(ctx.train_data, mine[i * micro : (i + 1) * micro], pad_id)
                 for i in range(accum)
