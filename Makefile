@@ -29,6 +29,7 @@ train: install model
 lint: install
 	$(VENV)/bin/ruff check src tests bench run_model_training.py
 	$(VENV)/bin/ruff format --check src tests bench run_model_training.py
+	$(VENV)/bin/mypy src
 
 test: install model lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

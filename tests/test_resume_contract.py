@@ -69,7 +69,7 @@ def test_identity_change_is_refused_naming_every_setting(
     [
         ("dtype=bfloat16", "dtype: 'float32' -> 'bfloat16'"),
         ("lora.target_modules=[q_proj]", "lora.target_modules: ['q_proj', 'v_proj'] -> ['q_proj']"),
-        ("lora.alpha=16", "lora.alpha: 8.0 -> 16.0"),
+        ("lora.alpha=16", "lora.alpha: 8 -> 16"),
         ("lora.dropout=0.2", "lora.dropout: 0.1 -> 0.2"),
         ("overlong=drop", "training data (content or rendering settings)"),
     ],

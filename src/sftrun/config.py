@@ -25,7 +25,7 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(ALL_LINEAR),
@@ -96,7 +96,7 @@ class TrainingConfig(BaseModel):
     backend: Literal["auto", "unsloth", "plain"] = Field(
         "auto", description="Model backend: Unsloth where it imports and CUDA is there."
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
 
     @model_validator(mode="after")
     def _check_length(self) -> TrainingConfig:

@@ -274,7 +274,7 @@ class LabelOnlyLoss(nn.Module):
     than calling its parts from the loop) keeps DDP's gradient hooks in the forward path.
     """
 
-    def __init__(self, peft_model: nn.Module) -> None:
+    def __init__(self, peft_model: Any) -> None:
         super().__init__()
         self.peft_model = peft_model
 

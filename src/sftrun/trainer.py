@@ -135,8 +135,8 @@ class StopRequest:
         try:
             yield self
         finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
 
 
 def _make_accelerator(dtype: str) -> Any:
@@ -306,7 +306,9 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
     dtype = resolved_dtype(cfg, torch.cuda.is_available())
     out = Path(cfg.output_dir)
     # The checkpoint first: a wrong path should fail before anything slow happens.
-    ckpt_path, payload, skipped = None, None, []
+    ckpt_path: Path | None = None
+    payload: checkpoint.CheckpointPayload | None = None
+    skipped: list[checkpoint.CheckpointInfo] = []
     if opts.resume:
         ckpt_path, skipped = checkpoint.resolve(opts.resume, out)
         payload, _ = checkpoint.load(ckpt_path)
