@@ -101,7 +101,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         help=f"YAML config (default {C.DEFAULT_CONFIG_PATH})",
     )
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. lora.r=8"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. learning_rate=1e-4 lora.r=8",
     )
 
 
@@ -131,7 +134,7 @@ def cmd_ckpt_list(args: argparse.Namespace) -> int:
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from sftrun import checkpoint
     from sftrun.config import load_config
-    from sftrun.inventory import fmt_bytes
+    from sftrun.monitor import fmt_bytes
     from sftrun.trainer import preview_resume
 
     path = Path(args.checkpoint)
@@ -210,7 +213,8 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_ckpt_prune(args: argparse.Namespace) -> int:
-    from sftrun.inventory import fmt_bytes, prune
+    from sftrun.inventory import prune
+    from sftrun.monitor import fmt_bytes
 
     removed = prune(_output_dir(args), args.keep, args.keep_best)
     for path, size in removed:
@@ -298,17 +302,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="resume even though the training data differs from the checkpoint's",
     )
-    p.add_argument(
-        "--config",
-        default=C.DEFAULT_CONFIG_PATH,
-        help=f"YAML config (default {C.DEFAULT_CONFIG_PATH})",
-    )
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. learning_rate=1e-4 lora.r=8",
-    )
+    _config_args(p)
     p.set_defaults(func=cmd_train)
 
 

@@ -60,6 +60,13 @@ class TokenizedData:
         return sum(sum(1 for t in lab if t != IGNORE_INDEX) for lab in self.labels)
 
 
+def format_counts(counts: dict[str, int]) -> str:
+    """'messages 300, alpaca 20' from the ``format_*`` entries of ``TokenizedData.counts``."""
+    return ", ".join(
+        f"{k.removeprefix('format_')} {v}" for k, v in counts.items() if k.startswith("format_")
+    )
+
+
 def _read_records(path: Path) -> list[tuple[int, Any]]:
     """Return (line-or-item number, parsed object) pairs from a JSONL or JSON file."""
     if not path.is_file():

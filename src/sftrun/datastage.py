@@ -18,7 +18,7 @@ import torch
 
 from sftrun import constants as C
 from sftrun.constants import IGNORE_INDEX
-from sftrun.data import TokenizedData, data_fingerprint, tokenize_file
+from sftrun.data import TokenizedData, data_fingerprint, format_counts, tokenize_file
 
 CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
 
@@ -112,7 +112,7 @@ def write_report(reports: dict[str, tuple[str, dict[str, Any]]]) -> tuple[Path, 
     lines = ["# Data stats", ""]
     for split, (file, st) in reports.items():
         c = st["counts"]
-        formats = ", ".join(f"{k[7:]} {v}" for k, v in c.items() if k.startswith("format_"))
+        formats = format_counts(c)
         lines += [
             f"## {split}: `{file}`",
             "",

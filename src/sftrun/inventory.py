@@ -14,6 +14,7 @@ from typing import Any
 
 from sftrun import checkpoint
 from sftrun import constants as C
+from sftrun.monitor import fmt_bytes
 
 
 @dataclass
@@ -91,15 +92,6 @@ def list_rows(output_dir: str | Path) -> list[Row]:
 
 def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def render_table(rows: list[Row], output_dir: str | Path) -> str:

@@ -23,6 +23,16 @@ def timestamp() -> str:
     return time.strftime(C.TIMESTAMP_FORMAT)
 
 
+def fmt_bytes(n: float | None) -> str:
+    """Human-readable size in decimal units; "-" when unknown."""
+    if n is None:
+        return "-"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def unique_path(parent: Path, name: str) -> Path:
     """``parent/name``, or ``name_1``, ``name_2``... when two runs start within one second."""
     path = parent / name

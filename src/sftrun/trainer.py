@@ -27,7 +27,13 @@ import torch
 from sftrun import checkpoint, rng
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
-from sftrun.data import Conversation, TokenizedData, collate, read_conversations
+from sftrun.data import (
+    Conversation,
+    TokenizedData,
+    collate,
+    format_counts,
+    read_conversations,
+)
 from sftrun.datastage import load_or_tokenize, write_report
 from sftrun.datastage import stats as data_stats
 from sftrun.errors import DiskSpaceError, SftrunError
@@ -42,7 +48,14 @@ from sftrun.modeling import (
     trainable_parameters,
     weights_sha256,
 )
-from sftrun.monitor import Board, close_logging, progress_bar, setup_logging, timestamp
+from sftrun.monitor import (
+    Board,
+    close_logging,
+    fmt_bytes,
+    progress_bar,
+    setup_logging,
+    timestamp,
+)
 from sftrun.resume import (
     build_identity,
     check_identity,
@@ -155,16 +168,9 @@ def _fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _data_line(name: str, path: str, data: TokenizedData) -> str:
     c = data.counts
-    formats = ", ".join(f"{k[7:]} {v}" for k, v in c.items() if k.startswith("format_"))
+    formats = format_counts(c)
     return (
         f"  {name:<12} {path}: {len(data)} examples ({formats}), {data.num_tokens:,} tokens, "
         f"{data.num_label_tokens:,} with loss; truncated {c['truncated']}, dropped {c['dropped']}"
@@ -181,8 +187,8 @@ def _check_disk(output_dir: Path, params: list[torch.nn.Parameter]) -> int:
     free = shutil.disk_usage(probe).free
     if free < 2 * per_ckpt:
         raise DiskSpaceError(
-            f"not enough disk space in {probe}: {_fmt_bytes(free)} free, but two checkpoints "
-            f"need about {_fmt_bytes(2 * per_ckpt)} ({_fmt_bytes(per_ckpt)} each); free some "
+            f"not enough disk space in {probe}: {fmt_bytes(free)} free, but two checkpoints "
+            f"need about {fmt_bytes(2 * per_ckpt)} ({fmt_bytes(per_ckpt)} each); free some "
             "space or set output_dir to a larger disk"
         )
     return per_ckpt
@@ -510,7 +516,7 @@ def _summary(cfg: TrainingConfig, plan: _Plan, model: _Model, log_file: Path) ->
         f"  {'length':<12} {plan.planned} steps = {epochs:.2f} epochs; LR {sched.peak_lr:g} "
         f"{sched.kind}, warm-up {sched.warmup_steps} steps",
         f"  {'checkpoints':<12} {plan.out}/checkpoint-<step> every {cfg.save_steps} steps and "
-        f"at the end, about {_fmt_bytes(model.checkpoint_bytes)} each"
+        f"at the end, about {fmt_bytes(model.checkpoint_bytes)} each"
         + (f", keeping {cfg.save_total_limit}" if cfg.save_total_limit else ""),
     ]
     if plan.ckpt_path is not None:
@@ -851,7 +857,7 @@ def _save(ctx: _LoopContext) -> Path:
         log.info(
             "saved %s (%s, %.2f s)%s",
             path,
-            _fmt_bytes(checkpoint.dir_size(path)),
+            fmt_bytes(checkpoint.dir_size(path)),
             time.perf_counter() - t0,
             f"; removed {', '.join(p.name for p in removed)}" if removed else "",
         )
