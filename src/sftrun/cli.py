@@ -230,11 +230,12 @@ def cmd_ckpt_prune(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sftrun import constants as C
     from sftrun.config import load_config
-    from sftrun.modeling import load_tokenizer
+    from sftrun.modeling import load_tokenizer, tokenizer_sha256
     from sftrun.trainer import prepare_data
 
     cfg = load_config(args.config, args.overrides)
-    train, held_out = prepare_data(cfg, load_tokenizer(cfg.model_name_or_path))
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    train, held_out = prepare_data(cfg, tokenizer, tokenizer_sha256(tokenizer))
     for name, data in (("train", train), ("eval", held_out)):
         if data is not None:
             c = data.counts

@@ -243,22 +243,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         rng.restore(plan.payload.rng_state)
     else:
         rng.seed_everything(cfg.seed)
-    ctx = _LoopContext(
-        cfg,
-        opts,
-        plan.accelerator,
-        loss_module,
-        optimizer,
-        model.peft_model,
-        plan.schedule,
-        plan.train_data,
-        plan.eval_data,
-        plan.identity,
-        plan.state,
-        board,
-        plan.planned,
-        plan.global_batch,
-    )
+    ctx = _LoopContext(cfg, opts, plan, loss_module, optimizer, model.peft_model, board)
     stopper = StopRequest()
     with stopper.installed():
         last = _train_loop(ctx, stopper)
@@ -320,7 +305,8 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
         payload, _ = checkpoint.load(ckpt_path)
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    train_data, eval_data = prepare_data(cfg, tokenizer)
+    tok_sha = tokenizer_sha256(tokenizer)
+    train_data, eval_data = prepare_data(cfg, tokenizer, tok_sha)
     eval_convs = (
         read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None] if cfg.eval_file else []
     )
@@ -330,7 +316,7 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
     from accelerate import PartialState
 
     world = PartialState().num_processes
-    identity = _identity(cfg, tokenizer, train_data, dtype, world)
+    identity = _identity(cfg, tok_sha, train_data, dtype, world)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     planned = total_steps(len(train_data), global_batch, cfg.num_train_epochs, cfg.max_steps)
     plan = _Plan(
@@ -393,12 +379,14 @@ def _plan_resume(
     plan.newer = [c.path for c in checkpoint.scan(plan.out) if c.step > step]
 
 
-def prepare_data(cfg: TrainingConfig, tokenizer: Any) -> tuple[TokenizedData, TokenizedData | None]:
+def prepare_data(
+    cfg: TrainingConfig, tokenizer: Any, tok_sha: str
+) -> tuple[TokenizedData, TokenizedData | None]:
     """Stage 1: validated, tokenized train/eval data (from the cache when it is current).
 
-    Also writes ``outputs/1_data/stats.json`` and ``stats.md``.
+    ``tok_sha`` is ``tokenizer_sha256(tokenizer)``, part of the cache key. Also writes
+    ``outputs/1_data/stats.json`` and ``stats.md``.
     """
-    tok_sha = tokenizer_sha256(tokenizer)
     splits = {"train": cfg.train_file, **({"eval": cfg.eval_file} if cfg.eval_file else {})}
     loaded: dict[str, TokenizedData] = {}
     for split, path in splits.items():
@@ -412,12 +400,12 @@ def prepare_data(cfg: TrainingConfig, tokenizer: Any) -> tuple[TokenizedData, To
 
 
 def _identity(
-    cfg: TrainingConfig, tokenizer: Any, train_data: TokenizedData, dtype: str, world: int
+    cfg: TrainingConfig, tok_sha: str, train_data: TokenizedData, dtype: str, world: int
 ) -> dict[str, Any]:
     return build_identity(
         cfg,
         base_model_sha256=weights_sha256(cfg.model_name_or_path),
-        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        tokenizer_sha256=tok_sha,
         data_fingerprint=train_data.fingerprint,
         dtype=dtype,
         world_size=world,
@@ -433,9 +421,10 @@ def preview_resume(cfg: TrainingConfig, path: Path, allow_data_change: bool) -> 
     """
     payload, _ = checkpoint.load(path)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tok_sha = tokenizer_sha256(tokenizer)
     train_data, _ = load_or_tokenize(
         tokenizer,
-        tokenizer_sha256(tokenizer),
+        tok_sha,
         cfg.train_file,
         cfg.max_seq_length,
         cfg.overlong,
@@ -443,7 +432,7 @@ def preview_resume(cfg: TrainingConfig, path: Path, allow_data_change: bool) -> 
     )
     world = int(payload.training_args.get("world_size", 1))
     dtype = resolved_dtype(cfg, torch.cuda.is_available())
-    identity = _identity(cfg, tokenizer, train_data, dtype, world)
+    identity = _identity(cfg, tok_sha, train_data, dtype, world)
     refusals = [
         describe_difference(*d)
         for d in identity_differences(payload.identity, identity)
@@ -600,20 +589,15 @@ def _report_accuracy(cfg: TrainingConfig, plan: _Plan, peft_model: Any, when: st
 
 @dataclass
 class _LoopContext:
+    """The plan plus what setup built from it: what the loop and saves need."""
+
     cfg: TrainingConfig
     opts: RunOptions
-    accelerator: Any
+    plan: _Plan
     loss_module: Any
     optimizer: Any
     peft_model: Any
-    schedule: Schedule
-    train_data: TokenizedData
-    eval_data: TokenizedData | None
-    identity: dict[str, Any]
-    state: TrainState
     board: Board | None
-    planned: int
-    global_batch: int
     train_seconds: float = 0.0
     train_tokens: int = 0
 
@@ -622,29 +606,29 @@ class _LoopContext:
 
 
 def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
-    cfg, state, acc = ctx.cfg, ctx.state, ctx.accelerator
+    cfg, state, acc = ctx.cfg, ctx.plan.state, ctx.plan.accelerator
     micro = cfg.per_device_train_batch_size
     accum = cfg.gradient_accumulation_steps
     rank, world = acc.process_index, acc.num_processes
     pad_id = _pad_id(ctx.peft_model)
-    n_train = len(ctx.train_data)
+    n_train = len(ctx.plan.train_data)
     params = [p for p in ctx.loss_module.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     window: dict[str, float] = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
     last_saved: Path | None = None
-    bar = progress_bar(ctx.planned, state.global_step)
+    bar = progress_bar(ctx.plan.planned, state.global_step)
     try:
-        while state.global_step < ctx.planned:
+        while state.global_step < ctx.plan.planned:
             t0 = time.perf_counter()
             step = state.global_step
-            lr = ctx.schedule.lr(step)
+            lr = ctx.plan.schedule.lr(step)
             for group in ctx.optimizer.param_groups:
                 group["lr"] = lr
             # This step's samples: the next global batch of the stream, this rank's share.
-            indices = step_indices(cfg.seed, n_train, state.samples_seen, ctx.global_batch)
+            indices = step_indices(cfg.seed, n_train, state.samples_seen, ctx.plan.global_batch)
             mine = indices[rank * micro * accum : (rank + 1) * micro * accum]
             batches = [
-                collate(ctx.train_data, mine[i * micro : (i + 1) * micro], pad_id)
+                collate(ctx.plan.train_data, mine[i * micro : (i + 1) * micro], pad_id)
                 for i in range(accum)
             ]
             # Normalise by the label tokens of the whole step (all micro-batches, all ranks),
@@ -667,7 +651,7 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
             step_tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world
 
             state.global_step += 1
-            state.samples_seen += ctx.global_batch
+            state.samples_seen += ctx.plan.global_batch
             state.tokens_seen += step_tokens
             state.label_tokens_seen += n_labels
             seconds = time.perf_counter() - t0
@@ -687,7 +671,7 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
             )
 
             gs = state.global_step
-            if gs % cfg.logging_steps == 0 or gs == ctx.planned:
+            if gs % cfg.logging_steps == 0 or gs == ctx.plan.planned:
                 entry = {
                     "step": gs,
                     "epoch": round(epoch, 4),
@@ -700,7 +684,7 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                 log.info(
                     "step %d/%d epoch %.2f loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
                     gs,
-                    ctx.planned,
+                    ctx.plan.planned,
                     epoch,
                     entry["loss"],
                     lr,
@@ -719,12 +703,12 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                         },
                     )
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-            do_eval = ctx.eval_data is not None and (
-                (cfg.eval_steps and gs % cfg.eval_steps == 0) or gs == ctx.planned
+            do_eval = ctx.plan.eval_data is not None and (
+                (cfg.eval_steps and gs % cfg.eval_steps == 0) or gs == ctx.plan.planned
             )
             if do_eval:
                 _evaluate(ctx, pad_id)
-            if gs % cfg.save_steps == 0 or gs == ctx.planned or stopper.signal_name:
+            if gs % cfg.save_steps == 0 or gs == ctx.plan.planned or stopper.signal_name:
                 last_saved = _save(ctx)
             if stopper.signal_name:
                 log.warning(
@@ -736,7 +720,7 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                 )
                 break
     except torch.OutOfMemoryError:
-        raise SftrunError(_oom_message(cfg, state.global_step, ctx.global_batch)) from None
+        raise SftrunError(_oom_message(cfg, state.global_step, ctx.plan.global_batch)) from None
     finally:
         bar.close()
     return last_saved
@@ -766,16 +750,16 @@ def _pad_id(peft_model: Any) -> int:
 
 
 def _evaluate(ctx: _LoopContext, pad_id: int) -> None:
-    assert ctx.eval_data is not None
-    state = ctx.state
+    assert ctx.plan.eval_data is not None
+    state = ctx.plan.state
     value = eval_loss(
         ctx.loss_module,
-        ctx.eval_data,
+        ctx.plan.eval_data,
         ctx.cfg.per_device_eval_batch_size,
         pad_id,
-        ctx.accelerator.device,
+        ctx.plan.accelerator.device,
     )
-    epoch = state.samples_seen / len(ctx.train_data)
+    epoch = state.samples_seen / len(ctx.plan.train_data)
     state.log_history.append(
         {"step": state.global_step, "epoch": round(epoch, 4), "eval_loss": value}
     )
@@ -789,14 +773,14 @@ def _evaluate(ctx: _LoopContext, pad_id: int) -> None:
 
 
 def _trainer_state(ctx: _LoopContext) -> dict[str, Any]:
-    cfg, state = ctx.cfg, ctx.state
-    n_train = len(ctx.train_data)
+    cfg, state = ctx.cfg, ctx.plan.state
+    n_train = len(ctx.plan.train_data)
     return {
         # Hugging Face TrainerState keys
         "global_step": state.global_step,
         "epoch": state.samples_seen / n_train,
-        "max_steps": ctx.planned,
-        "num_train_epochs": ctx.planned * ctx.global_batch / n_train,
+        "max_steps": ctx.plan.planned,
+        "num_train_epochs": ctx.plan.planned * ctx.plan.global_batch / n_train,
         "logging_steps": cfg.logging_steps,
         "save_steps": cfg.save_steps,
         "eval_steps": cfg.eval_steps,
@@ -811,7 +795,7 @@ def _trainer_state(ctx: _LoopContext) -> dict[str, Any]:
         "tokens_seen": state.tokens_seen,
         "label_tokens_seen": state.label_tokens_seen,
         "num_examples": n_train,
-        "global_batch_size": ctx.global_batch,
+        "global_batch_size": ctx.plan.global_batch,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "accuracy_before": state.accuracy_before,
         "resumed_from": state.resumed_from,
@@ -821,11 +805,11 @@ def _trainer_state(ctx: _LoopContext) -> dict[str, Any]:
 def _save(ctx: _LoopContext) -> Path:
     from peft import get_peft_model_state_dict
 
-    acc = ctx.accelerator
+    acc = ctx.plan.accelerator
     acc.wait_for_everyone()
-    path = checkpoint.checkpoint_path(ctx.cfg.output_dir, ctx.state.global_step)
-    if ctx.state.best_step == ctx.state.global_step:
-        ctx.state.best_model_checkpoint = str(path)
+    path = checkpoint.checkpoint_path(ctx.cfg.output_dir, ctx.plan.state.global_step)
+    if ctx.plan.state.best_step == ctx.plan.state.global_step:
+        ctx.plan.state.best_model_checkpoint = str(path)
     if acc.is_main_process:
         t0 = time.perf_counter()
         peft_model = ctx.peft_model
@@ -838,20 +822,22 @@ def _save(ctx: _LoopContext) -> Path:
             adapter_config=adapter_config,
             optimizer_state=ctx.optimizer.state_dict(),
             scheduler_state={
-                "schedule": ctx.schedule.to_dict(),
-                "step": ctx.state.global_step,
-                "last_lr": ctx.schedule.lr(max(0, ctx.state.global_step - 1)),
+                "schedule": ctx.plan.schedule.to_dict(),
+                "step": ctx.plan.state.global_step,
+                "last_lr": ctx.plan.schedule.lr(max(0, ctx.plan.state.global_step - 1)),
             },
             trainer_state=_trainer_state(ctx),
             training_args={**config_to_dict(ctx.cfg), "world_size": acc.num_processes},
             rng_state=rng.capture(),
-            identity=ctx.identity,
+            identity=ctx.plan.identity,
         )
         path = checkpoint.save(
-            ctx.cfg.output_dir, ctx.state.global_step, payload, hook=ctx.opts.save_hook
+            ctx.cfg.output_dir, ctx.plan.state.global_step, payload, hook=ctx.opts.save_hook
         )
         protect = (
-            {Path(ctx.state.best_model_checkpoint)} if ctx.state.best_model_checkpoint else set()
+            {Path(ctx.plan.state.best_model_checkpoint)}
+            if ctx.plan.state.best_model_checkpoint
+            else set()
         )
         removed = checkpoint.rotate(ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect)
         log.info(
