@@ -268,8 +268,8 @@ def load(path: str | Path) -> tuple[CheckpointPayload, dict[str, Any]]:
     return payload, manifest
 
 
-def scan(output_dir: str | Path) -> list[CheckpointInfo]:
-    """Every ``checkpoint-<step>`` folder under ``output_dir``, oldest step first, verified."""
+def _checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-<step>`` folder, oldest step first, unverified."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
@@ -277,8 +277,18 @@ def scan(output_dir: str | Path) -> list[CheckpointInfo]:
     for child in out.iterdir():
         match = C.CHECKPOINT_RE.match(child.name)
         if match and child.is_dir():
-            found.append(CheckpointInfo(child, int(match.group(1)), verify(child)))
-    return sorted(found, key=lambda c: c.step)
+            found.append((int(match.group(1)), child))
+    return sorted(found, key=lambda item: item[0])
+
+
+def scan(output_dir: str | Path) -> list[CheckpointInfo]:
+    """Every ``checkpoint-<step>`` folder under ``output_dir``, oldest step first, verified."""
+    return [CheckpointInfo(path, step, verify(path)) for step, path in _checkpoint_dirs(output_dir)]
+
+
+def newer_than(output_dir: str | Path, step: int) -> list[Path]:
+    """Checkpoint folders past ``step``, intact or not (no hashing: only names are needed)."""
+    return [path for s, path in _checkpoint_dirs(output_dir) if s > step]
 
 
 def temp_folders(output_dir: str | Path) -> list[Path]:
@@ -354,15 +364,17 @@ def resolve(arg: str, output_dir: str | Path) -> tuple[Path, list[CheckpointInfo
     """
     out = Path(output_dir)
     if arg == C.RESUME_LATEST:
-        infos = scan(out)
-        valid = [c for c in infos if c.valid]
-        if not valid:
-            raise CheckpointError(
-                f"--resume latest: no complete checkpoint in {out} "
-                f"({describe_available(out)}); start a new run without --resume"
-            )
-        skipped = [c for c in infos if c.step > valid[-1].step]
-        return valid[-1].path, skipped
+        # Newest first, stopping at the first intact one: older checkpoints need no hashing.
+        skipped: list[CheckpointInfo] = []
+        for step, path in reversed(_checkpoint_dirs(out)):
+            problem = verify(path)
+            if problem is None:
+                return path, list(reversed(skipped))
+            skipped.append(CheckpointInfo(path, step, problem))
+        raise CheckpointError(
+            f"--resume latest: no complete checkpoint in {out} "
+            f"({describe_available(out)}); start a new run without --resume"
+        )
     path = Path(arg)
     if not path.is_dir():
         where = path.parent if path.parent.is_dir() and path.parent != Path(".") else out

@@ -376,7 +376,7 @@ def _plan_resume(
             f"LR at step {step}: {lr_plan.lr_before:.3g} -> {lr_plan.lr_after:.3g}; "
             f"decay now ends at step {plan.schedule.total_steps}"
         )
-    plan.newer = [c.path for c in checkpoint.scan(plan.out) if c.step > step]
+    plan.newer = checkpoint.newer_than(plan.out, step)
 
 
 def prepare_data(
