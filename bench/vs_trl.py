@@ -40,7 +40,14 @@ MODEL = REPO / "model/models"
 TRAIN = REPO / "data/sample/train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MICRO, ACCUM, MAX_LEN, LR, SEED = 4, 2, 256, 2e-4, 42
-CONFIGS = ["trl-plain", "trl-packing", "trl-padding_free", "sftrun", "sftrun-fullhead"]
+CONFIGS = [
+    "trl-plain",
+    "trl-packing",
+    "trl-padding_free",
+    "sftrun",
+    "sftrun-fullhead",
+    "sftrun-pefttorch",
+]
 
 
 # --- children: one configuration each, printing one JSON line --------------------------------
@@ -200,6 +207,11 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
             return loss, (targets != IGNORE_INDEX).sum()
 
         LabelOnlyLoss.forward = full_head
+    if kind == "sftrun-pefttorch":
+        # Ablation: PEFT's own LoRA forward and nn.Dropout (one Bernoulli draw per element).
+        import sftrun.modeling
+
+        sftrun.modeling.use_fast_lora = lambda model: 0
     run_training(cfg, RunOptions(yes=True, console=False))
     result = _timed(starts, tokens, steps)
     result["timed_steps"] = steps
@@ -362,6 +374,11 @@ def main() -> None:
     parser.add_argument("--late", type=int, default=24, help="step of the 'late' checkpoint")
     parser.add_argument("--skip-resume", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} (at least one trl-* for ratios)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -384,9 +401,13 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs; {args.steps} timed steps x {args.rounds} rounds, "
         f"{args.examples} examples, micro {MICRO} x accumulation {ACCUM}, max_length {MAX_LEN}"
     )
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or not any(c.startswith("trl") for c in configs):
+        parser.error(f"--configs: choose from {','.join(CONFIGS)}, at least one trl-*")
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in range(args.rounds):
-        order = CONFIGS if r % 2 == 0 else list(reversed(CONFIGS))
+        order = configs if r % 2 == 0 else list(reversed(configs))
         for config in order:
             res = run_child(
                 ["--child", config, "--steps", str(args.steps), "--examples", str(args.examples)]
@@ -442,7 +463,7 @@ def main() -> None:
         f"({peak['flops_per_s'] / 1e9:.1f} GFLOP/s, {peak['threads']} threads)"
     )
     for c in med:
-        if c == "sftrun-fullhead":
+        if c in ("sftrun-fullhead", "sftrun-pefttorch"):
             continue
         f = model_flops(med[c], c, label_share)
         print(f"  {c:<18} {f / 1e9:6.1f} GFLOP/s = {100 * f / peak['flops_per_s']:5.1f}% of peak")

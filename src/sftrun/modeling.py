@@ -23,6 +23,7 @@ from torch import nn
 from sftrun import constants as C
 from sftrun.config import LoraSettings
 from sftrun.errors import ModelError
+from sftrun.fastlora import use_fast_lora
 
 log = logging.getLogger("sftrun")
 
@@ -204,7 +205,9 @@ def load_lora_model(
             f"lora.target_modules {missing} are not layers of {p}; "
             f"layers available: {', '.join(sorted(_linear_names(base)))}"
         )
-    return get_peft_model(base, lora_config(settings, str(path)))
+    model = get_peft_model(base, lora_config(settings, str(path)))
+    use_fast_lora(model)
+    return model
 
 
 def _linear_names(model: nn.Module) -> set[str]:
