@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,59 @@ def test_rotation_protects_newest_and_best_and_ignores_damaged(tmp_path: Path) -
         "checkpoint-4",
         "checkpoint-5",
     ]
+
+
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    hashed: list[str] = []
+    real = checkpoint._read_verified
+
+    def counting(path: Path, name: str, expect: dict) -> bytes:
+        hashed.append(f"{path.name}/{name}")
+        return real(path, name, expect)
+
+    monkeypatch.setattr(checkpoint, "_read_verified", counting)
+    return hashed
+
+
+def test_rotation_after_a_save_does_not_rehash_what_this_process_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for step in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, step, _tiny_payload(step))
+    hashed = _count_hashing(monkeypatch)
+    removed = checkpoint.rotate(tmp_path, 2, protect=set())
+    assert [p.name for p in removed] == ["checkpoint-1", "checkpoint-2"]
+    assert hashed == []
+
+
+def test_rotation_rehashes_a_folder_changed_since_it_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, _tiny_payload(step))
+    weights = tmp_path / "checkpoint-3/adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, new content and mtime
+    time.sleep(0.01)
+    weights.write_bytes(bytes(data))
+    hashed = _count_hashing(monkeypatch)
+    removed = checkpoint.rotate(tmp_path, 1, protect=set())
+    # checkpoint-3 is damaged, so checkpoint-2 is the newest intact one and stays.
+    assert [p.name for p in removed] == ["checkpoint-1"]
+    assert any(h.startswith("checkpoint-3/") for h in hashed)
+    assert not any(h.startswith(("checkpoint-1/", "checkpoint-2/")) for h in hashed)
+    assert (tmp_path / "checkpoint-3").is_dir()
+
+
+def test_rotation_under_the_limit_opens_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, _tiny_payload(step))
+    checkpoint._known_intact.clear()  # as in a new process
+    hashed = _count_hashing(monkeypatch)
+    assert checkpoint.rotate(tmp_path, 2, protect=set()) == []
+    assert hashed == []
 
 
 def test_saving_an_existing_step_moves_the_old_one_aside(tmp_path: Path) -> None:

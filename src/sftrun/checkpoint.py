@@ -10,6 +10,9 @@ Commit protocol (a crash at any instant leaves every earlier checkpoint intact):
      and sha256 of every file) and fsync it and the temporary folder;
   3. rename the temporary folder to ``checkpoint-<step>`` (atomic) and fsync the parent.
 A folder is a checkpoint only if its manifest is present and every file matches it.
+Rotation after each save trusts a folder this process committed or fully verified as long as
+no file in it changed size or mtime (:func:`verify_known`), so a save does not re-hash the
+checkpoints it keeps; ``--resume`` and ``sftrun ckpt verify`` always hash every byte.
 Everything is loaded without unpickling objects: safetensors, JSON, and
 ``torch.load(weights_only=True)`` on bytes whose sha256 was checked first.
 """
@@ -38,6 +41,9 @@ from sftrun.errors import CheckpointError, DiskSpaceError
 
 # Called after each file is written during a save (tests use it to crash mid-save).
 SaveHook = Callable[[str], None]
+
+# Folder -> fingerprint (name, size, mtime_ns of every file) when it was last known intact.
+_known_intact: dict[Path, tuple[tuple[str, int, int], ...]] = {}
 
 
 @dataclass
@@ -162,6 +168,7 @@ def save(
             move_aside(out, [final])
         os.rename(tmp, final)
         _fsync_dir(out)
+        _remember_intact(final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -223,7 +230,35 @@ def verify(path: str | Path) -> str | None:
             _read_verified(p, name, expect)
     except CheckpointError as exc:
         return str(exc)
+    _remember_intact(p)
     return None
+
+
+def _fingerprint(path: Path) -> tuple[tuple[str, int, int], ...] | None:
+    try:
+        stats = [(entry.name, entry.stat()) for entry in os.scandir(path)]
+    except OSError:
+        return None
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+
+
+def _remember_intact(path: Path) -> None:
+    fingerprint = _fingerprint(path)
+    if fingerprint is not None:
+        _known_intact[path.resolve()] = fingerprint
+
+
+def verify_known(path: str | Path) -> str | None:
+    """:func:`verify`, skipping the hashing for a folder this process already knows is intact.
+
+    Known: committed or fully verified by this process, and no file added, removed, resized
+    or rewritten (mtime) since. Anything else is verified byte for byte.
+    """
+    p = Path(path)
+    known = _known_intact.get(p.resolve())
+    if known is not None and known == _fingerprint(p):
+        return None
+    return verify(p)
 
 
 def _torch_load(data: bytes, path: Path, name: str) -> Any:
@@ -328,11 +363,19 @@ def rotate(output_dir: str | Path, limit: int | None, protect: set[Path]) -> lis
     """Delete the oldest intact checkpoints beyond ``limit``.
 
     Never deletes the newest valid checkpoint, anything in ``protect`` (the best one), or a
-    damaged folder (left for the user to inspect).
+    damaged folder (left for the user to inspect). Folders are checked with
+    :func:`verify_known`: a save re-hashes only what changed since this process last saw it.
     """
     if limit is None:
         return []
-    valid = [c for c in scan(output_dir) if c.valid]
+    dirs = _checkpoint_dirs(output_dir)
+    if len(dirs) <= limit:
+        return []  # nothing can be over the limit: no need to look inside any folder
+    valid = [
+        info
+        for info in (CheckpointInfo(path, step, verify_known(path)) for step, path in dirs)
+        if info.valid
+    ]
     keep = {c.path.resolve() for c in valid[-limit:]} | {p.resolve() for p in protect}
     if valid:
         keep.add(valid[-1].path.resolve())
