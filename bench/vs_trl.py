@@ -440,6 +440,20 @@ def main() -> None:
             f"{m['peak_rss'] / 2**30:7.2f} G  {m['tokens_per_s'] / best_tps:16.2f}  "
             f"{m['peak_rss'] / low_rss:16.2f}"
         )
+    # This shared machine drifts by tens of percent over a run; a ratio between runs of the
+    # same round (minutes apart) is steadier than a ratio of medians taken across rounds.
+    per_round: dict[str, list[float]] = {}
+    for c in med:
+        if not c.startswith("trl"):
+            per_round[c] = [
+                results[c][r]["tokens_per_s"] / max(results[t][r]["tokens_per_s"] for t in trl)
+                for r in range(args.rounds)
+            ]
+            print(
+                f"{c:<18} x best TRL of the same round: "
+                + ", ".join(f"{x:.2f}" for x in per_round[c])
+                + f"  (median {statistics.median(per_round[c]):.2f})"
+            )
 
     save = run_child(["--child", "save"])
     trl_save = [x for x in results["trl-plain"] if "save_seconds" in x]
@@ -482,6 +496,7 @@ def main() -> None:
                 {
                     "runs": results,
                     "medians": med,
+                    "per_round_ratio_to_best_trl": per_round,
                     "save": save,
                     "peak": peak,
                     "resume_startup": startup,
