@@ -5,7 +5,8 @@ listing, rotation and moving superseded checkpoints aside. Never decides *whethe
 is allowed (that is ``resume``); it only says what a folder holds and whether it is intact.
 
 Commit protocol (a crash at any instant leaves every earlier checkpoint intact):
-  1. serialise each file in memory, write it into ``.tmp-checkpoint-<step>-<pid>/`` and fsync;
+  1. serialise each file in memory, write it into ``.tmp-checkpoint-<step>-<pid>/`` and fsync
+     (a writer thread writes and hashes one file while the next is serialised);
   2. write ``manifest.json`` last (format version, step, identity, library versions, size
      and sha256 of every file) and fsync it and the temporary folder;
   3. rename the temporary folder to ``checkpoint-<step>`` (atomic) and fsync the parent.
@@ -26,7 +27,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -97,18 +99,19 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def serialise(payload: CheckpointPayload) -> dict[str, bytes]:
-    """The bytes of every checkpoint file except the manifest, in write order."""
+def serialise(payload: CheckpointPayload) -> Iterator[tuple[str, bytes]]:
+    """The name and bytes of every checkpoint file except the manifest, in write order.
+
+    Lazy, so that a save can write and hash one file while the next is being serialised.
+    """
     adapter = {k: v.detach().cpu().contiguous() for k, v in payload.adapter_state.items()}
-    return {
-        C.ADAPTER_WEIGHTS_FILE: safetensors.torch.save(adapter, metadata={"format": "pt"}),
-        C.ADAPTER_CONFIG_FILE: _json_bytes(payload.adapter_config),
-        C.OPTIMIZER_FILE: _torch_bytes(payload.optimizer_state),
-        C.SCHEDULER_FILE: _torch_bytes(payload.scheduler_state),
-        C.TRAINING_ARGS_FILE: _torch_bytes(payload.training_args),
-        C.RNG_STATE_FILE: _torch_bytes(payload.rng_state),
-        C.TRAINER_STATE_FILE: _json_bytes(payload.trainer_state),
-    }
+    yield C.ADAPTER_WEIGHTS_FILE, safetensors.torch.save(adapter, metadata={"format": "pt"})
+    yield C.ADAPTER_CONFIG_FILE, _json_bytes(payload.adapter_config)
+    yield C.OPTIMIZER_FILE, _torch_bytes(payload.optimizer_state)
+    yield C.SCHEDULER_FILE, _torch_bytes(payload.scheduler_state)
+    yield C.TRAINING_ARGS_FILE, _torch_bytes(payload.training_args)
+    yield C.RNG_STATE_FILE, _torch_bytes(payload.rng_state)
+    yield C.TRAINER_STATE_FILE, _json_bytes(payload.trainer_state)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,6 +127,14 @@ def _write_file(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _write_and_digest(path: Path, data: bytes, hook: SaveHook | None) -> dict[str, Any]:
+    _write_file(path, data)
+    entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if hook is not None:
+        hook(path.name)
+    return entry
 
 
 def save(
@@ -145,12 +156,15 @@ def save(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        files = {}
-        for name, data in serialise(payload).items():
-            _write_file(tmp / name, data)
-            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            if hook is not None:
-                hook(name)
+        # One writer thread writes, fsyncs and hashes each file (all three release the GIL)
+        # while this thread serialises the next; files are still written one at a time, in
+        # order, and the first failure is the one raised.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftrun-save") as writer:
+            pending = [
+                (name, writer.submit(_write_and_digest, tmp / name, data, hook))
+                for name, data in serialise(payload)
+            ]
+            files = {name: done.result() for name, done in pending}
         manifest = {
             "format_version": C.CHECKPOINT_FORMAT_VERSION,
             "step": step,
