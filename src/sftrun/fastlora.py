@@ -100,7 +100,7 @@ class SparseDropout(nn.Module):
 class _LoraDelta(torch.autograd.Function):
     """``base_out + c·((x with zeros at positions)·Aᵀ)·Bᵀ``, and its gradients.
 
-    ``positions`` are flat indices into ``x`` (logical order); ``c`` is ``lora_alpha / r``
+    ``positions`` are flat indices into ``x`` (logical order); ``c`` is PEFT's ``scaling``
     over ``1 - p``, applied to the r-wide intermediate instead of a full-width activation.
     The sum is accumulated into ``base_out`` in place (``addmm_``): the base layer's backward
     needs its input, never its output.
