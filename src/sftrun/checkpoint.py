@@ -385,11 +385,7 @@ def rotate(output_dir: str | Path, limit: int | None, protect: set[Path]) -> lis
     dirs = _checkpoint_dirs(output_dir)
     if len(dirs) <= limit:
         return []  # nothing can be over the limit: no need to look inside any folder
-    valid = [
-        info
-        for info in (CheckpointInfo(path, step, verify_known(path)) for step, path in dirs)
-        if info.valid
-    ]
+    valid = [CheckpointInfo(path, step, None) for step, path in dirs if verify_known(path) is None]
     keep = {c.path.resolve() for c in valid[-limit:]} | {p.resolve() for p in protect}
     if valid:
         keep.add(valid[-1].path.resolve())
