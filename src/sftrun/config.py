@@ -22,7 +22,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class LoraSettings(BaseModel):
     """LoRA adapter shape; part of the model's identity (must not change on resume)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -37,7 +37,8 @@ class LoraSettings(BaseModel):
 class TrainingConfig(BaseModel):
     """Everything a training run reads. See docs/configuration.md for each key."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere: `learning_rate=.inf` would train NaN into every weight.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # model and data
     model_name_or_path: str = Field(C.DEFAULT_MODEL_DIR, description="Local HF causal-LM folder.")
@@ -89,7 +90,9 @@ class TrainingConfig(BaseModel):
     eval_max_samples: int | None = Field(None, gt=0, description="Cap held-out examples scored.")
 
     # numerics and backend
-    seed: int = Field(42, description="Seeds LoRA init, data order and dropout.")
+    seed: int = Field(
+        42, ge=0, lt=2**32, description="Seeds LoRA init, data order and dropout (0 to 2^32-1)."
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute precision: auto = fp32 on CPU, bf16 autocast on CUDA."
     )
@@ -103,6 +106,23 @@ class TrainingConfig(BaseModel):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive count")
         return self
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}:{line}: key {key!r} is given twice (first at line "
+                    f"{seen[key]}); keep one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -173,9 +193,19 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}; pass --config PATH to an existing file")
-        text = p.read_text(encoding="utf-8")
         try:
-            loaded = yaml.safe_load(text)
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p}: not UTF-8 text (byte at offset {exc.start}); save the config as UTF-8"
+            ) from None
+        try:
+            loader = _UniqueKeyLoader(text)
+            loader.name = str(p)
+            try:
+                loaded = loader.get_single_data()
+            finally:
+                loader.dispose()
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark is not None else str(p)

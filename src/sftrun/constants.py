@@ -25,8 +25,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # --- checkpoint folder ------------------------------------------------------------------
 CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# No leading zeros: "checkpoint-012" is not a second name for step 12.
+CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9]\d*)$")
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
+TMP_CHECKPOINT_RE = re.compile(r"^\.tmp-checkpoint-\d+-\d+$")
 SUPERSEDED_PREFIX = "superseded-"
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -36,10 +38,16 @@ SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_ARGS_FILE = "training_args.bin"
 RNG_STATE_FILE = "rng_state.pth"
-RNG_STATE_RANK_FILE = "rng_state_{rank}.pth"
 MANIFEST_FILE = "manifest.json"
 
 CHECKPOINT_FORMAT_VERSION = 1
+
+# A file named in a manifest is a plain name inside the checkpoint folder: no separators,
+# no "..", not absolute, not hidden.
+MANIFEST_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Read limits for the small JSON files, checked on the file's size before reading it.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_STATE_BYTES = 256 << 20
 
 # Files every checkpoint of a single-process run holds, besides the manifest.
 REQUIRED_CHECKPOINT_FILES = (
@@ -53,6 +61,10 @@ REQUIRED_CHECKPOINT_FILES = (
 )
 
 RESUME_LATEST = "latest"
+
+# --- merged-model export (stage 5) ----------------------------------------------------------
+EXPORT_DIR = "outputs/5_export"
+EXPORT_MARKER_FILE = ".sftrun-export.json"
 
 # --- label handling -------------------------------------------------------------------------
 IGNORE_INDEX = -100

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,32 +68,93 @@ def format_counts(counts: dict[str, int]) -> str:
     )
 
 
-def _read_records(path: Path) -> list[tuple[int, Any]]:
-    """Return (line-or-item number, parsed object) pairs from a JSONL or JSON file."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}; check train_file/eval_file in the config")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".json" or (stripped.startswith("[") and path.suffix != ".jsonl"):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(items, list):
-            raise DataError(f"{path}: a .json data file must hold a list of records")
-        # A JSON array has no per-record lines; number records from 1 instead.
-        return list(enumerate(items, start=1))
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                "each line must be one JSON object"
-            ) from None
+# One record (a JSONL line, or a whole .json array file) larger than this is refused before
+# it is read into memory: parsing and rendering a record costs many times its size.
+MAX_RECORD_BYTES = 16 << 20
+
+
+def check_data_file(path: str | Path, key: str = "train_file") -> Path:
+    """Raise DataError unless ``path`` is an existing regular file; return it as a Path."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {p}; check {key} in the config")
+    if not p.is_file():
+        raise DataError(
+            f"{key} {p} is not a file (a folder?); point {key} at a .jsonl or .json file"
+        )
+    return p
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+            f"{exc.start + 1}); save the file as UTF-8"
+        ) from None
+
+
+def _is_array_file(path: Path, head: bytes) -> bool:
+    """A JSON array file: ``.json``, or any name but ``.jsonl`` whose text starts with '['."""
+    if path.suffix == ".json":
+        return True
+    return path.suffix != ".jsonl" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _parse_line(path: Path, lineno: int, text: str, lenient: bool) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        error = DataError(
+            f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "each line must be one JSON object"
+        )
+        if lenient:
+            return error
+        raise error from None
+
+
+def _read_records(path: Path, lenient: bool = False) -> list[tuple[int, Any]]:
+    """(line-or-item number, parsed object) pairs from a JSONL or JSON-array file.
+
+    The one reader behind training and ``sftrun data validate``. Accepts a UTF-8 BOM; a
+    line that is not UTF-8, or longer than MAX_RECORD_BYTES, is an error naming file:line.
+    With ``lenient``, a JSONL line that does not parse becomes a DataError entry instead.
+    """
+    check_data_file(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+        fh.seek(0)
+        if _is_array_file(path, head):
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_RECORD_BYTES:
+                raise DataError(
+                    f"{path}: a JSON array file of {size >> 20} MiB is over the "
+                    f"{MAX_RECORD_BYTES >> 20} MiB limit; write the records as JSONL instead "
+                    "(one object per line)"
+                )
+            text = _decode(fh.read(), path, 1).removeprefix("\ufeff")
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(items, list):
+                raise DataError(f"{path}: a .json data file must hold a list of records")
+            # A JSON array has no per-record lines; number records from 1 instead.
+            return list(enumerate(items, start=1))
+        records = []
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_RECORD_BYTES + 1), b""), 1):
+            if len(raw) > MAX_RECORD_BYTES:
+                raise DataError(
+                    f"{path}:{lineno}: a record longer than {MAX_RECORD_BYTES >> 20} MiB; "
+                    "remove or shorten it (it could never fit max_seq_length)"
+                )
+            text = _decode(raw, path, lineno)
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")
+            if text.strip():
+                records.append((lineno, _parse_line(path, lineno, text, lenient)))
     return records
 
 
@@ -164,7 +226,7 @@ def validate_file(path: str | Path) -> tuple[list[Conversation], list[str]]:
     """Check every record; return the good conversations and one message per bad record."""
     p = Path(path)
     try:
-        records = _read_records_lenient(p)
+        records = _read_records(p, lenient=True)
     except DataError as exc:
         return [], [str(exc)]
     good, errors = [], []
@@ -179,29 +241,6 @@ def validate_file(path: str | Path) -> tuple[list[Conversation], list[str]]:
     if not records:
         errors.append(f"{p}: no records; the file is empty")
     return good, errors
-
-
-def _read_records_lenient(path: Path) -> list[tuple[int, Any]]:
-    """Like _read_records, but a JSONL line that does not parse becomes a DataError entry."""
-    if path.suffix == ".json" or not path.is_file():
-        return _read_records(path)
-    out: list[tuple[int, Any]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            out.append(
-                (
-                    lineno,
-                    DataError(
-                        f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                        "each line must be one JSON object"
-                    ),
-                )
-            )
-    return out
 
 
 def file_sha256(path: str | Path) -> str:

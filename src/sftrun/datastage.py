@@ -7,6 +7,7 @@ or touches checkpoints. The cache holds integers only (safetensors); nothing in 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +19,14 @@ import torch
 
 from sftrun import constants as C
 from sftrun.constants import IGNORE_INDEX
-from sftrun.data import TokenizedData, data_fingerprint, format_counts, tokenize_file
+from sftrun.data import (
+    TokenizedData,
+    check_data_file,
+    data_fingerprint,
+    format_counts,
+    tokenize_file,
+)
+from sftrun.errors import DataError, DiskSpaceError
 
 CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
 
@@ -37,10 +45,22 @@ def _save_cache(target: Path, data: TokenizedData) -> None:
         "labels": torch.tensor([t for x in data.labels for t in x], dtype=torch.int64),
     }
     meta = {"fingerprint": data.fingerprint, "counts": json.dumps(data.counts)}
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
-    safetensors.torch.save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, target)  # atomic: a reader sees the old file, the new one, or none
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, target)  # atomic: a reader sees the old file, the new one, or none
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskSpaceError(
+                f"disk full while writing the tokenized data cache {target}; the partial "
+                f"file was removed; free space on that disk and start again"
+            ) from None
+        raise DataError(
+            f"could not write the tokenized data cache {target} ({exc.strerror}); make "
+            f"{CACHE_DIR} writable"
+        ) from None
 
 
 def _load_cache(target: Path) -> TokenizedData | None:
@@ -69,6 +89,7 @@ def load_or_tokenize(
     train_on: str,
 ) -> tuple[TokenizedData, bool]:
     """Tokenized data from the cache when present; return it and whether the cache served it."""
+    check_data_file(path)
     render = {"max_seq_length": max_seq_length, "overlong": overlong, "train_on": train_on}
     target = CACHE_DIR / f"{cache_key(path, tokenizer_sha, render)}.safetensors"
     cached = _load_cache(target)

@@ -42,3 +42,9 @@ class DiskSpaceError(SftrunError):
     """Not enough free disk space to write checkpoints safely."""
 
     exit_code = 6
+
+
+class DivergenceError(SftrunError):
+    """Training produced NaN or infinity; the run stopped without committing it."""
+
+    exit_code = 7

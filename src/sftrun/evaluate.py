@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sftrun.data import Conversation, TokenizedData, collate
 
@@ -63,6 +64,8 @@ def generation_accuracy(
     samples = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
+    # Shown on a terminal only (tqdm's disable=None); the slow part of every evaluation.
+    bar = tqdm(total=len(convs), desc="generating", unit="reply", leave=False, disable=None)
     try:
         with torch.random.fork_rng(devices=[]):
             for start in range(0, len(convs), batch_size):
@@ -93,7 +96,9 @@ def generation_accuracy(
                             "correct": score(pred, ref),
                         }
                     )
+                bar.update(len(chunk))
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     correct = sum(1 for s in samples if s["correct"])

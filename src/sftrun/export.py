@@ -2,11 +2,15 @@
 
 Owns ``sftrun merge`` and ``sftrun chat``. Reads checkpoints only through ``checkpoint.load``
 (verified, no unpickling), and checks that the base model is the one the adapter was trained
-on before using it.
+on before using it. An export folder carries a marker (``.sftrun-export.json``) naming the
+checkpoint it came from; merge replaces only an earlier export of the same checkpoint and
+never deletes a folder without that marker.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ import torch
 from sftrun import checkpoint
 from sftrun import constants as C
 from sftrun.config import LoraSettings
-from sftrun.errors import ModelError
+from sftrun.errors import CheckpointError, ModelError
 from sftrun.modeling import (
     Backend,
     load_lora_model,
@@ -43,9 +47,9 @@ def load_adapter_model(ckpt: str | Path, base: str | None = None) -> Loaded:
     """The base model with the checkpoint's adapter; refuses a base with other weights."""
     payload, _ = checkpoint.load(ckpt)
     args = payload.training_args
-    base_path = base or args["model_name_or_path"]
     want = payload.identity.get("base_model_sha256")
-    if want and weights_sha256(base_path) != want:
+    base_path = base or _base_model_path(args, want, ckpt)
+    if base and want and weights_sha256(base_path) != want:
         raise ModelError(
             f"{base_path} is not the base model {ckpt} was trained on (weights differ); "
             "pass --base with the original model folder"
@@ -57,6 +61,23 @@ def load_adapter_model(ckpt: str | Path, base: str | None = None) -> Loaded:
     restore_adapter(model, payload.adapter_state, Path(ckpt))
     model.eval()
     return Loaded(model, tokenizer, base_path, args, payload.trainer_state)
+
+
+def _base_model_path(args: dict[str, Any], want: str | None, ckpt: str | Path) -> str:
+    """The base model folder a checkpoint names: as configured (relative to the current
+    folder) if it is there and holds the same weights, else the absolute path recorded at
+    training time."""
+    candidates = [str(args.get("model_name_or_path", ""))]
+    if args.get("model_path_absolute"):
+        candidates.append(str(args["model_path_absolute"]))
+    for path in candidates:
+        if path and (Path(path) / "config.json").is_file():
+            if want is None or weights_sha256(path) == want:
+                return path
+    raise ModelError(
+        f"the base model {ckpt} was trained on is not at {' or '.join(candidates)}; pass "
+        "--base with that model folder"
+    )
 
 
 def load_base_model(config_lora: LoraSettings, base_path: str, max_seq_length: int) -> Loaded:
@@ -75,6 +96,9 @@ def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[st
     """
     from transformers import AutoModelForCausalLM
 
+    target = Path(out)
+    marker = _export_marker(ckpt)
+    _check_export_target(target, marker, ckpt)  # before the slow part
     loaded = load_adapter_model(ckpt, base)
     probe = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Check the merge."}],
@@ -85,27 +109,82 @@ def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[st
     with torch.no_grad():
         want = loaded.model(**probe).logits
     merged = loaded.model.merge_and_unload()
-    target = Path(out)
-    tmp = target.parent / f".tmp-{target.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    merged.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = reloaded(**probe).logits
-    diff = float((got - want).abs().max())
-    if diff > 1e-3:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(f"the merged model's logits differ from the adapter's by {diff:.2e}")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    tmp.mkdir()  # fails if it exists: never reuses a folder this call did not make
+    try:
+        merged.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / C.EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = reloaded(**probe).logits
+        diff = float((got - want).abs().max())
+        if diff > 1e-3:
+            raise ModelError(f"the merged model's logits differ from the adapter's by {diff:.2e}")
+        _replace(tmp, target)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)  # made above by this call
     return {"path": str(target), "max_abs_logit_diff": diff}
 
 
+def _export_marker(ckpt: str | Path) -> dict[str, Any]:
+    manifest = checkpoint.read_manifest(Path(ckpt))
+    return {
+        "checkpoint": str(Path(ckpt).resolve()),
+        "run_id": manifest.get("run_id"),
+        "step": manifest["step"],
+        "adapter_sha256": manifest["files"][C.ADAPTER_WEIGHTS_FILE]["sha256"],
+    }
+
+
+def _same_export(folder: Path, marker: dict[str, Any]) -> bool:
+    try:
+        found = json.loads((folder / C.EXPORT_MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    keys = ("run_id", "step", "adapter_sha256")
+    return isinstance(found, dict) and all(found.get(k) == marker[k] for k in keys)
+
+
+def _check_export_target(target: Path, marker: dict[str, Any], ckpt: str | Path) -> None:
+    """Refuse an ``--out`` that is not new, empty, or an export of this same checkpoint."""
+    if target.is_symlink():
+        raise CheckpointError(f"--out {target} is a symbolic link; pass a real folder path")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"--out {target} is a file; pass a folder path")
+    if any(target.iterdir()) and not _same_export(target, marker):
+        raise CheckpointError(
+            f"--out {target} is not empty and is not an earlier export of {ckpt}; sftrun "
+            "replaces only its own export of the same checkpoint; pass a new folder"
+        )
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Put the finished export in place; an earlier export of the same checkpoint is removed
+    only after the new one is there."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
+    if any(target.iterdir()):
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)  # carries our marker for this checkpoint (checked before)
+    else:
+        os.rmdir(target)  # empty: nothing to lose
+        os.rename(tmp, target)
+
+
 def default_export_dir(ckpt: str | Path) -> Path:
-    return Path(C.OUTPUTS_DIR) / "5_export" / Path(ckpt).resolve().name
+    """``outputs/5_export/<run id>-checkpoint-<step>``: two runs never share a default."""
+    run_id = checkpoint.run_id_of(Path(ckpt))
+    name = Path(ckpt).resolve().name
+    prefix = run_id[:8] if run_id else Path(ckpt).resolve().parent.name
+    return Path(C.EXPORT_DIR) / f"{prefix}-{name}"
 
 
 def chat(

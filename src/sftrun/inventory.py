@@ -146,20 +146,31 @@ def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
 
 
-def verify_paths(paths: list[Path]) -> list[tuple[Path, str | None]]:
-    return [(p, checkpoint.verify(p)) for p in paths]
+@dataclass
+class PruneResult:
+    removed: list[tuple[Path, int]]  # deleted folder, bytes freed
+    kept: list[Path]  # valid checkpoints kept
+    left: list[tuple[Path, str]]  # entries not touched because they are not intact
 
 
-def prune(output_dir: str | Path, keep: int, keep_best: bool) -> list[tuple[Path, int]]:
+def prune(output_dir: str | Path, keep: int, keep_best: bool) -> PruneResult:
     """Delete all but the newest ``keep`` valid checkpoints (and the best, if asked).
 
-    Never deletes the newest valid checkpoint, a damaged folder or a superseded one. Returns
-    each deleted folder with the bytes it freed.
+    Never deletes the newest valid checkpoint, a damaged folder, a symbolic link or a
+    superseded one; deletion goes through ``checkpoint.delete`` (real folders directly
+    inside ``output_dir`` only). Everything is decided before the first deletion.
     """
-    valid = [i for i in checkpoint.scan(output_dir) if i.valid]
+    infos = checkpoint.scan(output_dir)
+    valid = [i for i in infos if i.valid]
     spared = {i.path for i in valid[-max(keep, 1) :]}
     if keep_best and valid:
         best = checkpoint.peek(valid[-1].path).get("state", {}).get("best_model_checkpoint")
         if best:
             spared |= {i.path for i in valid if i.path.name == Path(best).name}
-    return [(i.path, checkpoint.delete(i.path)) for i in valid if i.path not in spared]
+    doomed = [i.path for i in valid if i.path not in spared]
+    removed = [(path, checkpoint.delete(path)) for path in doomed]
+    return PruneResult(
+        removed,
+        [i.path for i in valid if i.path in spared],
+        [(i.path, i.problem or "") for i in infos if not i.valid],
+    )

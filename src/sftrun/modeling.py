@@ -126,7 +126,14 @@ def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
     p = check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(p)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is the same user error
+        raise ModelError(
+            f"could not load a tokenizer from {p} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the folder needs "
+            "tokenizer.json or tokenizer_config.json with its vocabulary files"
+        ) from None
     if not tokenizer.chat_template:
         raise ModelError(f"{p}: the tokenizer has no chat template; add one to tokenizer_config")
     if tokenizer.pad_token_id is None:
@@ -197,8 +204,12 @@ def load_lora_model(
     try:
         # Frozen base weights in the compute dtype; LoRA weights stay fp32 (PEFT's default).
         base = AutoModelForCausalLM.from_pretrained(p, dtype=compute_dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load the base model from {p}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt or missing weights: one user error
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"could not load the base model from {p}: {detail}; check that its weight files "
+            "are complete (re-copy or re-download the folder)"
+        ) from None
     missing = [m for m in settings.target_modules if not _has_module(base, m)]
     if missing:
         raise ModelError(

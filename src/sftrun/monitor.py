@@ -74,6 +74,14 @@ def setup_logging(stamp: str, console: bool = True) -> Path:
     return path
 
 
+def to_log_file(level: int, message: str) -> None:
+    """Write ``message`` to the run's log file only (the console already shows it)."""
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (message,), None)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def close_logging() -> None:
     for handler in list(log.handlers):
         log.removeHandler(handler)

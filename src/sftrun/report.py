@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ EVAL_DIR = Path(C.OUTPUTS_DIR) / "4_evaluation"
 SAMPLES_IN_REPORT = 5
 
 
-def evaluate_model(cfg: TrainingConfig, loaded: Loaded) -> dict[str, Any]:
+def evaluate_model(cfg: TrainingConfig, loaded: Loaded, label: str) -> dict[str, Any]:
     """Held-out loss, perplexity, and (unless eval_accuracy is none) generation accuracy."""
     if not cfg.eval_file:
         raise ValueError("eval_file is not set")
     pad = loaded.tokenizer.pad_token_id
+    print(f"{label}: held-out loss on {cfg.eval_file}", file=sys.stderr, flush=True)
     data = tokenize_file(
         loaded.tokenizer, cfg.eval_file, cfg.max_seq_length, cfg.overlong, cfg.train_on
     )
@@ -41,6 +43,7 @@ def evaluate_model(cfg: TrainingConfig, loaded: Loaded) -> dict[str, Any]:
     }
     if cfg.eval_accuracy != "none":
         convs = read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None]
+        print(f"{label}: generating {len(convs)} replies", file=sys.stderr, flush=True)
         acc = generation_accuracy(
             loaded.model,
             loaded.tokenizer,
@@ -142,10 +145,10 @@ def run_eval(
         loaded = load_adapter_model(ckpt)
         base_path = loaded.base_path
         plot_state = loaded.trainer_state
-        results[ckpt.resolve().name] = evaluate_model(cfg, loaded)
+        results[ckpt.resolve().name] = evaluate_model(cfg, loaded, ckpt.resolve().name)
     if with_base or ckpt is None:
         results["base"] = evaluate_model(
-            cfg, load_base_model(cfg.lora, base_path, cfg.max_seq_length)
+            cfg, load_base_model(cfg.lora, base_path, cfg.max_seq_length), "base"
         )
     label = name or (ckpt.resolve().name if ckpt is not None else "base")
     out = EVAL_DIR / label

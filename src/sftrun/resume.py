@@ -9,17 +9,26 @@ Contract (docs/resume.md states it for users):
 - ``num_train_epochs``/``max_steps``, ``learning_rate``, ``logging_steps``, ``save_steps``,
   ``eval_steps``, ``save_total_limit`` and the split of the same global batch into
   micro-batch x accumulation may change; each change is reported as an override;
-- the LR schedule's kind and warm-up always come from the checkpoint.
+- the LR schedule's kind and warm-up always come from the checkpoint;
+- a longer run stretches the old decay, unless the old decay had (nearly) ended: then the
+  extension decays afresh from ``learning_rate`` (:data:`RESTART_BELOW`);
+- a run owns its output folder: a fresh start refuses a folder that holds checkpoints, and
+  a resume refuses a folder that holds another run's (:func:`check_folder_owner`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from sftrun.config import TrainingConfig
 from sftrun.errors import CheckpointError
 from sftrun.schedule import Schedule, retarget
+
+# An extension restarts the decay when the LR at the resume step is below this share of the
+# run's peak: stretching a curve that has reached ~0 would train the new steps at ~0.
+RESTART_BELOW = 0.1
 
 # Settings that may take a new value on resume, as (key, what happens).
 TUNABLE = {
@@ -164,16 +173,93 @@ class SchedulePlan:
     lr_before: float  # LR the checkpoint's schedule gives the resume step
     lr_after: float  # LR the resumed run uses at the resume step
     changed: bool
+    restarted: bool = False  # the extension decays afresh from the peak (see RESTART_BELOW)
+
+    def describe(self, step: int) -> str:
+        line = f"LR at step {step}: {self.lr_before:.3g} -> {self.lr_after:.3g}"
+        if self.restarted:
+            line += (
+                f" (the old decay had ended: below {RESTART_BELOW:.0%} of its peak, so the "
+                "extension decays afresh from learning_rate)"
+            )
+        return f"{line}; decay now ends at step {self.schedule.total_steps}"
 
 
 def plan_schedule(old: Schedule, step: int, peak_lr: float, total_steps: int) -> SchedulePlan:
-    """The schedule a resume at ``step`` follows (unchanged config: exactly the old one)."""
+    """The schedule a resume at ``step`` follows (unchanged config: exactly the old one).
+
+    A longer run stretches the rest of the old decay to the new end (no jump in the LR),
+    except when the LR at ``step`` is already below ``RESTART_BELOW`` x the old peak (the run
+    finished or nearly so): then the new steps decay from ``peak_lr`` at ``step`` to zero at
+    the new end, so that "train longer" trains.
+    """
     if total_steps <= step:
         raise CheckpointError(
             f"the checkpoint is at step {step} but the configured run ends at step "
             f"{total_steps}; raise num_train_epochs or max_steps to train further"
         )
+    before = old.lr(step)
     if peak_lr == old.peak_lr and total_steps == old.total_steps:
-        return SchedulePlan(old, old.lr(step), old.lr(step), False)
+        return SchedulePlan(old, before, before, False)
+    if (
+        total_steps > old.total_steps
+        and step >= old.warmup_steps
+        and before < RESTART_BELOW * (old.peak_lr)
+    ):
+        new = replace(
+            old,
+            peak_lr=peak_lr,
+            total_steps=total_steps,
+            decay_from_step=step,
+            decay_from_progress=0.0,
+        )
+        return SchedulePlan(new, before, new.lr(step), True, restarted=True)
     new = retarget(old, step, peak_lr, total_steps)
-    return SchedulePlan(new, old.lr(step), new.lr(step), True)
+    return SchedulePlan(new, before, new.lr(step), True)
+
+
+def _short_run(run_id: str | None) -> str:
+    return "(no run id: written before run ids)" if run_id is None else run_id[:8]
+
+
+def _listing(paths: list[Path], limit: int = 4) -> str:
+    names = [p.name for p in paths]
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
+def check_folder_owner(
+    out: Path,
+    owners: dict[str | None, list[Path]],
+    superseded: list[Path],
+    resume: Path | None,
+    resume_run: str | None,
+) -> None:
+    """Refuse a run that would write into a folder owned by another run.
+
+    ``owners`` maps each run id found in ``out``'s checkpoint manifests to its folders
+    (``None``: no readable run id). A fresh start (``resume`` None) needs a folder with no
+    checkpoints at all; a resume needs every run id in the folder to be the checkpoint's.
+    Checkpoints written before run ids (None) belong to whichever run resumes among them.
+    """
+    found = [p for paths in owners.values() for p in paths]
+    if resume is None:
+        if not found and not superseded:
+            return
+        what = _listing(found) if found else _listing(superseded)
+        ids = sorted(_short_run(r) for r in owners if r is not None)
+        of_run = f" of run {', '.join(ids)}" if ids else ""
+        raise CheckpointError(
+            f"output_dir {out} already holds checkpoints{of_run} ({what}); continue that run "
+            f"with --resume latest, or start a new run in another folder, e.g. "
+            f"output_dir={out}-2 (sftrun never writes a new run over an old one)"
+        )
+    foreign = {r: paths for r, paths in owners.items() if r is not None and r != resume_run}
+    if foreign:
+        other, paths = next(iter(sorted(foreign.items())))
+        raise CheckpointError(
+            f"{resume} belongs to run {_short_run(resume_run)}, but output_dir {out} holds "
+            f"checkpoints of run {_short_run(other)} ({_listing(paths)}); resume with "
+            f"output_dir={resume.parent}, or give this run an empty output_dir"
+        )

@@ -12,12 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import re
+import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +35,14 @@ from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import (
     Conversation,
     TokenizedData,
+    check_data_file,
     collate,
     format_counts,
     read_conversations,
 )
 from sftrun.datastage import load_or_tokenize, write_report
 from sftrun.datastage import stats as data_stats
-from sftrun.errors import DiskSpaceError, SftrunError
+from sftrun.errors import ConfigError, DiskSpaceError, DivergenceError, SftrunError
 from sftrun.evaluate import eval_loss, generation_accuracy
 from sftrun.modeling import (
     LabelOnlyLoss,
@@ -58,6 +64,7 @@ from sftrun.monitor import (
 )
 from sftrun.resume import (
     build_identity,
+    check_folder_owner,
     check_identity,
     config_overrides,
     describe_difference,
@@ -81,9 +88,14 @@ class RunOptions:
     no_unsloth: bool = False
     allow_data_change: bool = False
     console: bool = True
-    # Fault injection for tests: called after each checkpoint file is written.
-    save_hook: checkpoint.SaveHook | None = None
-    confirm: Callable[[str], bool] | None = None
+    # The settings arguments this run was started with (--config, KEY=VALUE, flags), so the
+    # printed resume command reproduces the run.
+    settings_args: list[str] = field(default_factory=list)
+
+    def resume_command(self, checkpoint_path: Path | None) -> str:
+        target = str(checkpoint_path) if checkpoint_path is not None else C.RESUME_LATEST
+        args = ["python", "run_model_training.py", "--resume", target, "-y", *self.settings_args]
+        return shlex.join(args)
 
 
 @dataclass
@@ -115,10 +127,12 @@ class TrainState:
     best_model_checkpoint: str | None = None
     accuracy_before: float | None = None
     resumed_from: list[int] = field(default_factory=list)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tensorboard_runs: list[str] = field(default_factory=list)
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag the loop checks after each optimizer step.
+    """SIGTERM/SIGHUP/SIGINT set a flag the loop checks after each optimizer step.
 
     The loop then commits a checkpoint and exits. A second SIGINT aborts at once; the last
     committed checkpoint is still intact because commits are atomic.
@@ -143,7 +157,7 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         try:
             yield self
@@ -204,8 +218,16 @@ def _default_confirm(summary: str) -> bool:
     return answer in ("y", "yes")
 
 
-def run_training(cfg: TrainingConfig, opts: RunOptions) -> RunResult:
-    """Train (or resume) one run as configured; see the module docstring for the steps."""
+def run_training(
+    cfg: TrainingConfig, opts: RunOptions, log_started: tuple[str, Path] | None = None
+) -> RunResult:
+    """Train (or resume) one run as configured; see the module docstring for the steps.
+
+    ``log_started`` is ``(timestamp, log file)`` when the caller already opened the run's log
+    (the CLI does, so that a config error lands in it too); the caller then closes it.
+    """
+    if log_started is not None:
+        return _run(cfg, opts, *log_started)
     stamp = timestamp()
     log_file = setup_logging(stamp, opts.console)
     try:
@@ -221,7 +243,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     summary = _summary(cfg, plan, model, log_file)
     log.info("%s", summary)
     log.info("resolved config: %s", config_to_dict(cfg))
-    if not opts.yes and not (opts.confirm or _default_confirm)(summary):
+    if not opts.yes and not _default_confirm(summary):
         log.info("cancelled; nothing was changed")
         return RunResult(plan.state.global_step, plan.planned, None, log_file, None, cancelled=True)
 
@@ -230,6 +252,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     loss_module, optimizer = plan.accelerator.prepare(LabelOnlyLoss(model.peft_model), optimizer)
     board = Board(stamp) if plan.accelerator.is_main_process else None
     if board is not None:
+        plan.state.tensorboard_runs.append(board.path.name)
         board.text("config", f"```\n{summary}\n```", plan.state.global_step)
         log.info(
             "TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path
@@ -296,13 +319,25 @@ def _plan(cfg: TrainingConfig, opts: RunOptions) -> _Plan:
     """Verify the checkpoint, read the data, compare identities and plan length and LR."""
     dtype = resolved_dtype(cfg, torch.cuda.is_available())
     out = Path(cfg.output_dir)
-    # The checkpoint first: a wrong path should fail before anything slow happens.
+    # Preflight, then the checkpoint: a wrong path fails before anything slow happens.
+    check_output_dir(out)
+    for key in ("train_file", "eval_file"):
+        if getattr(cfg, key):
+            check_data_file(getattr(cfg, key), key)
     ckpt_path: Path | None = None
     payload: checkpoint.CheckpointPayload | None = None
     skipped: list[checkpoint.CheckpointInfo] = []
-    if opts.resume:
+    if opts.resume is not None:
         ckpt_path, skipped = checkpoint.resolve(opts.resume, out)
         payload, _ = checkpoint.load(ckpt_path)
+    owners = checkpoint.owners(out)
+    check_folder_owner(
+        out,
+        owners,
+        checkpoint.superseded_folders(out),
+        ckpt_path,
+        payload.run_id if payload is not None else None,
+    )
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     tok_sha = tokenizer_sha256(tokenizer)
@@ -352,7 +387,12 @@ def _plan_resume(
     plan.notes += check_identity(payload.identity, plan.identity, opts.allow_data_change)
     ts = payload.trainer_state
     step = int(ts["global_step"])
+    # A checkpoint from before run ids joins the one run its folder holds, if any.
+    known = [r for r in checkpoint.owners(plan.out) if r is not None]
+    run_id = payload.run_id or (known[0] if len(known) == 1 else uuid.uuid4().hex)
     plan.state = TrainState(
+        run_id=run_id,
+        tensorboard_runs=list(ts.get("tensorboard_runs", [])),
         global_step=step,
         samples_seen=int(ts["samples_seen"]),
         tokens_seen=int(ts.get("tokens_seen", 0)),
@@ -372,11 +412,32 @@ def _plan_resume(
     for key, was, now in ignored_changes(payload.training_args, cfg):
         plan.notes.append(f"kept {key}={was!r} from the checkpoint (config says {now!r})")
     if lr_plan.changed:
-        plan.notes.append(
-            f"LR at step {step}: {lr_plan.lr_before:.3g} -> {lr_plan.lr_after:.3g}; "
-            f"decay now ends at step {plan.schedule.total_steps}"
-        )
+        plan.notes.append(lr_plan.describe(step))
     plan.newer = checkpoint.newer_than(plan.out, step)
+
+
+def check_output_dir(out: Path) -> None:
+    """Raise ConfigError unless ``out`` is (or can be created as) a writable folder.
+
+    Checked by writing and removing a probe file, before any model is loaded, so a bad
+    folder is found before the first save rather than after the steps up to it.
+    """
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"output_dir {out}: {probe} is a file, not a folder; set output_dir to a folder"
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sftrun-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir {out}: cannot write in {probe} ({exc.strerror}); set output_dir to "
+            "a writable folder"
+        ) from None
 
 
 def prepare_data(
@@ -533,6 +594,33 @@ def _tidy_output_folder(plan: _Plan) -> None:
     moved = checkpoint.move_aside(plan.out, plan.newer)
     if moved is not None:
         log.info("moved %s into %s", ", ".join(p.name for p in plan.newer), moved)
+        _mark_superseded_boards(plan, moved)
+
+
+def _mark_superseded_boards(plan: _Plan, moved: Path) -> None:
+    """Rename the TensorBoard runs that drew the superseded steps, so that TensorBoard shows
+    them as their own, marked curves instead of one line with two versions of those steps.
+
+    Only folders this run recorded (``tensorboard_runs``), directly inside the TensorBoard
+    folder, are renamed; the name gains ``.superseded-after-<step>``.
+    """
+    step = plan.state.global_step
+    kept = set(plan.state.tensorboard_runs)
+    root = Path(C.TENSORBOARD_DIR)
+    names: set[str] = set()
+    for folder in moved.iterdir():
+        state = checkpoint.peek(folder).get("state", {})
+        names |= {n for n in state.get("tensorboard_runs", []) if isinstance(n, str)}
+    for name in sorted(names):
+        source = root / name
+        if not re.fullmatch(r"[0-9_]+", name) or not source.is_dir() or source.is_symlink():
+            continue
+        target = root / f"{name}.superseded-after-{step}"
+        if not target.exists():
+            os.rename(source, target)
+            log.info("TensorBoard run %s drew steps past %d: renamed to %s", name, step, target)
+            if name in kept:
+                plan.state.tensorboard_runs[plan.state.tensorboard_runs.index(name)] = target.name
 
 
 def _optimizer(cfg: TrainingConfig, plan: _Plan, peft_model: Any) -> torch.optim.Optimizer:
@@ -600,6 +688,7 @@ class _LoopContext:
     board: Board | None
     train_seconds: float = 0.0
     train_tokens: int = 0
+    last_saved: Path | None = None  # committed by this process
 
     def tokens_per_second(self) -> float:
         return self.train_tokens / self.train_seconds if self.train_seconds else 0.0
@@ -645,9 +734,11 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                     acc.backward(loss_sum * world / max(1, n_labels))
                 loss_total += loss_sum.detach()
             grad_norm = acc.clip_grad_norm_(params, max_norm)
+            loss = float(acc.reduce(loss_total, "sum")) / max(1, n_labels)
+            if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+                raise DivergenceError(_divergence_message(ctx, step + 1, loss, float(grad_norm)))
             ctx.optimizer.step()
             ctx.optimizer.zero_grad(set_to_none=True)
-            loss = float(acc.reduce(loss_total, "sum")) / max(1, n_labels)
             step_tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world
 
             state.global_step += 1
@@ -710,13 +801,13 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
                 _evaluate(ctx, pad_id)
             if gs % cfg.save_steps == 0 or gs == ctx.plan.planned or stopper.signal_name:
                 last_saved = _save(ctx)
+                ctx.last_saved = last_saved
             if stopper.signal_name:
                 log.warning(
-                    "stopped by %s at step %d; resume with: python run_model_training.py "
-                    "--resume %s -y",
+                    "stopped by %s at step %d; resume with: %s",
                     stopper.signal_name,
                     gs,
-                    last_saved,
+                    ctx.opts.resume_command(last_saved),
                 )
                 break
     except torch.OutOfMemoryError:
@@ -724,6 +815,20 @@ def _train_loop(ctx: _LoopContext, stopper: StopRequest) -> Path | None:
     finally:
         bar.close()
     return last_saved
+
+
+def _divergence_message(ctx: _LoopContext, step: int, loss: float, grad_norm: float) -> str:
+    last = ctx.last_saved or ctx.plan.ckpt_path
+    where = (
+        f"the last good checkpoint is {last}; resume from it with a lower learning_rate: "
+        f"{ctx.opts.resume_command(last)} learning_rate={ctx.cfg.learning_rate / 10:g}"
+        if last is not None
+        else "no checkpoint was written; start again with a lower learning_rate"
+    )
+    return (
+        f"training diverged at step {step}: loss {loss:g}, grad norm {grad_norm:g} (NaN or "
+        f"infinity); nothing from this step was applied or saved; {where}"
+    )
 
 
 def _oom_message(cfg: TrainingConfig, step: int, global_batch: int) -> str:
@@ -799,6 +904,8 @@ def _trainer_state(ctx: _LoopContext) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "accuracy_before": state.accuracy_before,
         "resumed_from": state.resumed_from,
+        "run_id": state.run_id,
+        "tensorboard_runs": state.tensorboard_runs,
     }
 
 
@@ -827,19 +934,23 @@ def _save(ctx: _LoopContext) -> Path:
                 "last_lr": ctx.plan.schedule.lr(max(0, ctx.plan.state.global_step - 1)),
             },
             trainer_state=_trainer_state(ctx),
-            training_args={**config_to_dict(ctx.cfg), "world_size": acc.num_processes},
+            training_args={
+                **config_to_dict(ctx.cfg),
+                "world_size": acc.num_processes,
+                # Where the base model was, for tools run from another folder.
+                "model_path_absolute": str(Path(ctx.cfg.model_name_or_path).resolve()),
+            },
             rng_state=rng.capture(),
             identity=ctx.plan.identity,
+            run_id=ctx.plan.state.run_id,
         )
-        path = checkpoint.save(
-            ctx.cfg.output_dir, ctx.plan.state.global_step, payload, hook=ctx.opts.save_hook
+        path = checkpoint.save(ctx.cfg.output_dir, ctx.plan.state.global_step, payload)
+        best = ctx.plan.state.best_model_checkpoint
+        # By name inside the run folder: a moved or copied run protects the same folder.
+        protect = {Path(best).name} if best else set()
+        removed = checkpoint.rotate(
+            ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect, ctx.plan.state.run_id
         )
-        protect = (
-            {Path(ctx.plan.state.best_model_checkpoint)}
-            if ctx.plan.state.best_model_checkpoint
-            else set()
-        )
-        removed = checkpoint.rotate(ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect)
         log.info(
             "saved %s (%s, %.2f s)%s",
             path,
