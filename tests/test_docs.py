@@ -31,7 +31,7 @@ def _all_flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_every_flag_in_the_readme_exists() -> None:
     text = (REPO / "README.md").read_text()
-    known = _all_flags(build_parser()) | {"--logdir", "--port", "--bind_all", "--no-deps"}
+    known = _all_flags(build_parser()) | {"--logdir", "--port", "--host", "--no-deps"}
     mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z_-]*)", text))
     assert mentioned - known == set()
 

@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,26 +87,59 @@ def prepare_default_model(out_dir: str | Path, force: bool = False) -> dict[str,
     out = Path(out_dir)
     if out.exists() and not force:
         raise ModelError(f"{out} already exists; pass --force to rebuild it")
+    _check_replaceable(out)  # before the slow part
     model, tokenizer = _load_gguf()
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    re_tok = AutoTokenizer.from_pretrained(tmp)
-    want = _greedy(model, tokenizer, CHECK_PROMPT, 24)
-    got = _greedy(reloaded, re_tok, CHECK_PROMPT, 24)
-    if want != got or re_tok.chat_template is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError("the converted model does not reproduce the GGUF model's output")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp.mkdir()  # fails if it exists: never reuses a folder this call did not make
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        re_tok = AutoTokenizer.from_pretrained(tmp)
+        want = _greedy(model, tokenizer, CHECK_PROMPT, 24)
+        got = _greedy(reloaded, re_tok, CHECK_PROMPT, 24)
+        if want != got or re_tok.chat_template is None:
+            raise ModelError("the converted model does not reproduce the GGUF model's output")
+        if out.is_dir():
+            old = out.parent / f".old-{out.name}-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)  # checked by _check_replaceable: a model folder
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp)  # made above by this call
     return {"path": str(out), "check_prompt": CHECK_PROMPT, "check_reply": re_tok.decode(got)}
+
+
+# Files a Hugging Face model folder holds; ``model prepare --force`` replaces only a folder
+# made of these (so it can never wipe a run folder, a data folder or ".").
+MODEL_FOLDER_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|chat_template\.jinja|tokenizer.*\.json|"
+    r"special_tokens_map\.json|vocab\.json|merges\.txt|model.*\.safetensors(\.index\.json)?)$"
+)
+
+
+def _check_replaceable(out: Path) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ModelError(f"{out} is not a folder sftrun can replace; pass another --out")
+    strange = sorted(
+        e.name
+        for e in os.scandir(out)
+        if not (e.is_file(follow_symlinks=False) and MODEL_FOLDER_FILES.match(e.name))
+    )
+    if strange:
+        raise ModelError(
+            f"{out} holds files that are not a model's ({', '.join(strange[:3])}); --force "
+            "replaces only a model folder; pass another --out"
+        )
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -92,9 +92,13 @@ class RunOptions:
     # printed resume command reproduces the run.
     settings_args: list[str] = field(default_factory=list)
 
-    def resume_command(self, checkpoint_path: Path | None) -> str:
+    def resume_command(self, checkpoint_path: Path | None, **changes: Any) -> str:
+        """The command that resumes this run from ``checkpoint_path`` with its settings
+        (and ``changes`` as KEY=VALUE in place of the same keys)."""
         target = str(checkpoint_path) if checkpoint_path is not None else C.RESUME_LATEST
-        args = ["python", "run_model_training.py", "--resume", target, "-y", *self.settings_args]
+        kept = [a for a in self.settings_args if a.partition("=")[0] not in changes]
+        extra = [f"{k}={v}" for k, v in changes.items()]
+        args = ["python", "run_model_training.py", "--resume", target, "-y", *kept, *extra]
         return shlex.join(args)
 
 
@@ -821,7 +825,7 @@ def _divergence_message(ctx: _LoopContext, step: int, loss: float, grad_norm: fl
     last = ctx.last_saved or ctx.plan.ckpt_path
     where = (
         f"the last good checkpoint is {last}; resume from it with a lower learning_rate: "
-        f"{ctx.opts.resume_command(last)} learning_rate={ctx.cfg.learning_rate / 10:g}"
+        + ctx.opts.resume_command(last, learning_rate=f"{ctx.cfg.learning_rate / 10:g}")
         if last is not None
         else "no checkpoint was written; start again with a lower learning_rate"
     )
