@@ -641,3 +641,13 @@ def test_an_unwritable_output_dir_is_found_before_training(
     assert code == 2
     assert "output_dir checkpoints/sft_model: cannot write in ." in one_line_error(err)
     assert "set output_dir to a writable folder" in err
+
+
+def test_a_dangling_output_dir_link_is_found_before_training(
+    tiny_config, workdir: Path, capsys
+) -> None:
+    os.symlink(workdir / "gone", workdir / "ckpts")
+    tiny_config(output_dir="ckpts")
+    code, _, err = train(capsys)
+    assert code == 2 and "output_dir ckpts is a symbolic link to a missing folder" in err
+    one_line_error(err)

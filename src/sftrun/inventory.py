@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from sftrun import checkpoint
-from sftrun import constants as C
 from sftrun.monitor import fmt_bytes
 
 
@@ -81,10 +80,9 @@ def list_rows(output_dir: str | Path) -> list[Row]:
         best = checkpoint.peek(Path(valid[-1].path)).get("state", {}).get("best_model_checkpoint")
         for r in rows:
             r.best = best is not None and Path(best).name == r.name
-    if out.is_dir():
-        for folder in sorted(out.glob(f"{C.SUPERSEDED_PREFIX}*")):
-            for info in checkpoint.scan(folder):
-                rows.append(_row(info.path, "superseded", info.step, info.problem))
+    for folder in checkpoint.superseded_folders(out):  # real folders only, never a link
+        for info in checkpoint.scan(folder):
+            rows.append(_row(info.path, "superseded", info.step, info.problem))
     for tmp in checkpoint.temp_folders(out):
         rows.append(_row(tmp, "temporary", None, "unfinished save (removed at the next start)"))
     return rows

@@ -426,6 +426,11 @@ def check_output_dir(out: Path) -> None:
     Checked by writing and removing a probe file, before any model is loaded, so a bad
     folder is found before the first save rather than after the steps up to it.
     """
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(
+            f"output_dir {out} is a symbolic link to a missing folder ({os.readlink(out)}); "
+            "create that folder or set output_dir elsewhere"
+        )
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
