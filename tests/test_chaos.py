@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from tests.conftest import tiny_settings, write_config
 from tests.runs import (
     HELPERS,
@@ -43,6 +44,7 @@ def _first_step_logged(cwd: Path, since: set[Path], proc: subprocess.Popen) -> b
     return False
 
 
+@pytest.mark.slow
 def test_random_sigkills_never_lose_the_run(tmp_path: Path, tiny_model: Path, sample_dir: Path):
     settings = tiny_settings(
         tiny_model, sample_dir, max_steps=STEPS, save_steps=1, eval_steps=0, eval_file=None

@@ -20,6 +20,7 @@ from sftrun import checkpoint
 from sftrun import constants as C
 from sftrun.cli import main
 from sftrun.errors import CheckpointError, DiskSpaceError
+from sftrun.hooks import RunHooks
 
 CKPT_FILES = {
     "adapter_model.safetensors",
@@ -229,17 +230,12 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(
     workdir: Path, tiny_config, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     cfg = tiny_config()
-    real_save = checkpoint.save
 
-    def failing_save(output_dir, step, payload, hook=None):
-        def hook_(name: str) -> None:
-            if step == 6 and name == "optimizer.pt":
-                raise OSError(errno.ENOSPC, "No space left on device")
+    def full_at_6(step: int, name: str) -> None:
+        if step == 6 and name == "optimizer.pt":
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        return real_save(output_dir, step, payload, hook_)
-
-    monkeypatch.setattr(checkpoint, "save", failing_save)
-    code = main(["train", "-y", "--config", str(cfg)])
+    code = main(["train", "-y", "--config", str(cfg)], hooks=RunHooks(after_file=full_at_6))
     err = capsys.readouterr().err
     assert code == DiskSpaceError.exit_code
     assert "error: disk full while writing checkpoint-6" in err and err.count("\n") == 1
@@ -253,7 +249,7 @@ def test_refuses_to_start_without_room_for_two_checkpoints(
 ) -> None:
     cfg = tiny_config()
     usage = shutil.disk_usage(workdir)
-    monkeypatch.setattr("sftrun.trainer.shutil.disk_usage", lambda p: usage._replace(free=10_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
     assert main(["train", "-y", "--config", str(cfg)]) == DiskSpaceError.exit_code
     err = capsys.readouterr().err
     assert "not enough disk space" in err and "10.0 kB free, but two checkpoints need about" in err
@@ -295,15 +291,19 @@ def test_rotation_protects_newest_and_best_and_ignores_damaged(tmp_path: Path) -
 
 
 def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    hashed: list[str] = []
-    real = checkpoint._read_verified
+    """Record each checkpoint file opened for reading (verification opens every file it hashes)."""
+    opened: list[str] = []
+    real = os.open
+    names = {*C.REQUIRED_CHECKPOINT_FILES}
 
-    def counting(path: Path, name: str, expect: dict, keep: bool = True) -> bytes:
-        hashed.append(f"{path.name}/{name}")
-        return real(path, name, expect, keep)
+    def counting(path, flags, *args, **kwargs):
+        p = Path(path)
+        if p.name in names:
+            opened.append(f"{p.parent.name}/{p.name}")
+        return real(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "_read_verified", counting)
-    return hashed
+    monkeypatch.setattr(os, "open", counting)
+    return opened
 
 
 def test_rotation_after_a_save_does_not_rehash_what_this_process_wrote(

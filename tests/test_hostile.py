@@ -510,6 +510,7 @@ def test_disk_full_while_caching_data_is_one_line(tiny_config, workdir, capsys, 
     assert not list((workdir / "outputs/1_data").glob("cache/*.tmp*"))
 
 
+@pytest.mark.slow
 def test_sighup_saves_a_checkpoint_like_sigterm(workdir: Path, tiny_config) -> None:
     cfg = tiny_config(save_steps=100)
     proc = run_sftrun(
@@ -584,12 +585,11 @@ def test_help_shows_every_default(capsys) -> None:
 
 
 def test_ctrl_c_in_chat_does_not_talk_about_training(run: Path, capsys, monkeypatch) -> None:
-    import sftrun.export
+    class CtrlC:
+        def readline(self) -> str:
+            raise KeyboardInterrupt
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(sftrun.export, "chat", interrupted)
+    monkeypatch.setattr("sys.stdin", CtrlC())
     code, _, err = cli(capsys, "chat", "--checkpoint", str(run / "checkpoint-12"))
     assert code == 130 and "checkpoint" not in err
 

@@ -20,6 +20,7 @@ from tests.runs import (
 
 from sftrun import checkpoint
 from sftrun.cli import main
+from sftrun.hooks import RunHooks
 from sftrun.schedule import build_schedule
 
 OUT = Path("checkpoints/sft_model")
@@ -58,9 +59,10 @@ def test_identity_change_is_refused_naming_every_setting(
         "lora.r: 4 -> 8",
         "seed: 11 -> 3",
         "global batch size (micro-batch x accumulation x processes): 4 -> 8",
-        "training data (content or rendering settings)",
     ):
         assert part in err
+    # max_seq_length is a rendering setting: named once, not also as changed data.
+    assert "training data" not in err
     assert checkpoint.verify(run_to_6) is None
 
 
@@ -71,7 +73,8 @@ def test_identity_change_is_refused_naming_every_setting(
         ("lora.target_modules=[q_proj]", "lora.target_modules: ['q_proj', 'v_proj'] -> ['q_proj']"),
         ("lora.alpha=16", "lora.alpha: 8 -> 16"),
         ("lora.dropout=0.2", "lora.dropout: 0.1 -> 0.2"),
-        ("overlong=drop", "training data (content or rendering settings)"),
+        ("overlong=drop", "overlong: 'truncate' -> 'drop'"),
+        ("train_on=all", "train_on: 'assistant' -> 'all'"),
     ],
 )
 def test_each_other_identity_setting_is_checked(
@@ -204,6 +207,7 @@ def test_nothing_left_to_train_is_a_clear_error(
     assert "ends at step 12; raise num_train_epochs or max_steps" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signals", "code", "final"),
     [("SIGTERM", 128 + signal.SIGTERM, 5), ("SIGINT", 128 + signal.SIGINT, 5)],
@@ -237,6 +241,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(
     assert_same_tensors(adapter(out / "checkpoint-12"), adapter(ref))
 
 
+@pytest.mark.slow
 def test_second_sigint_aborts_at_once(tmp_path: Path, tiny_model: Path, sample_dir: Path) -> None:
     cfg = write_config(tmp_path / "config.yaml", tiny_settings(tiny_model, sample_dir))
     proc = run_sftrun(
@@ -305,20 +310,16 @@ def test_trainer_state_is_plain_json(run_to_6: Path) -> None:
 def test_out_of_memory_says_how_to_resume(
     tiny_config, monkeypatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sftrun.modeling import LabelOnlyLoss
-
     tiny_config()
-    real_forward = LabelOnlyLoss.forward
     calls = {"n": 0}
 
-    def forward(self, *args, **kwargs):
+    def on_batch(batch: dict) -> None:
         calls["n"] += 1
         if calls["n"] > 8:  # 2 micro-batches per step: fail in step 5
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(LabelOnlyLoss, "forward", forward)
-    assert train() == 1
+    hooks = RunHooks(on_batch=on_batch)
+    assert main(["train", "-y", "--config", "config.yaml"], hooks=hooks) == 1
     err = capsys.readouterr().err
     assert err == (
         "error: out of GPU memory at step 5 with micro-batch 2, accumulation 2, max_seq_length "
@@ -330,12 +331,10 @@ def test_out_of_memory_says_how_to_resume(
 
 
 def test_best_checkpoint_is_tracked_and_survives_rotation(tiny_config, monkeypatch) -> None:
-    import sftrun.trainer as trainer_module
-
     tiny_config(save_total_limit=1, eval_steps=3, metric_for_best_model="eval_loss")
     losses = iter([0.5, 0.2, 0.9, 0.7])  # step 6 is the best
-    monkeypatch.setattr(trainer_module, "eval_loss", lambda *a, **k: next(losses))
-    assert train() == 0
+    hooks = RunHooks(on_eval=lambda step, value: next(losses))
+    assert main(["train", "-y", "--config", "config.yaml"], hooks=hooks) == 0
     assert sorted(p.name for p in OUT.iterdir()) == ["checkpoint-12", "checkpoint-6"]
     state = trainer_state(OUT / "checkpoint-12")
     assert state["best_metric"] == 0.2 and state["best_step"] == 6

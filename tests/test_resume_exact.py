@@ -34,6 +34,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, sample
     return cwd / "checkpoints/sft_model" / f"checkpoint-{FINAL}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("k", "resume_arg"),
     [(3, "path"), (6, "latest")],

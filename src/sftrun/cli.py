@@ -17,6 +17,7 @@ from typing import Any
 
 from sftrun import constants as C
 from sftrun.errors import SftrunError
+from sftrun.hooks import RunHooks
 
 
 def _quiet_libraries() -> None:
@@ -56,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             no_unsloth=args.no_unsloth,
             allow_data_change=args.allow_data_change,
             settings_args=_settings_args(args),
+            hooks=args.hooks,
         )
         result = run_training(cfg, opts, log_started=(stamp, log_file))
         if result.cancelled:
@@ -103,7 +105,7 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
-    from sftrun.data import validate_file
+    from sftrun.data import format_counts, validate_file
 
     bad = 0
     for path in args.files:
@@ -111,10 +113,10 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         for message in errors:
             print(message)
         bad += len(errors)
-        formats: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for conv in convs:
-            formats[conv.fmt] = formats.get(conv.fmt, 0) + 1
-        summary = ", ".join(f"{k} {v}" for k, v in formats.items()) or "none"
+            counts[f"format_{conv.fmt}"] = counts.get(f"format_{conv.fmt}", 0) + 1
+        summary = format_counts(counts) or "none"
         state = "OK" if not errors else f"{len(errors)} bad"
         print(f"{path}: {len(convs)} good records ({summary}); {state}")
     return 1 if bad else 0
@@ -163,65 +165,17 @@ def cmd_ckpt_list(args: argparse.Namespace) -> int:
 def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from sftrun import checkpoint
     from sftrun.config import load_config
-    from sftrun.monitor import fmt_bytes
-    from sftrun.trainer import preview_resume
+    from sftrun.inventory import render_inspect, render_preview
+    from sftrun.plan import make_plan
 
     path = Path(args.checkpoint)
     problem = checkpoint.verify(path)
-    view = checkpoint.peek(path)
-    manifest, state = view.get("manifest", {}), view.get("state", {})
-    print(f"{path}: {'valid' if problem is None else 'INVALID: ' + problem}")
-    if manifest:
-        print(
-            f"  written      {manifest.get('created')}  (format {manifest.get('format_version')})"
-        )
-        versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
-        print(f"  versions     {versions}")
-        for name, entry in sorted(manifest.get("files", {}).items()):
-            print(
-                f"  file         {name:<26} {fmt_bytes(entry['size']):>9}  "
-                f"sha256 {entry['sha256'][:12]}"
-            )
-        for key, value in manifest.get("identity", {}).items():
-            print(f"  identity     {key} = {value}")
-    if state:
-        planned = state.get("num_train_epochs") or 0
-        progress = f" ({100 * (state.get('epoch') or 0) / planned:.1f}%)" if planned else ""
-        print(
-            f"  progress     step {state.get('global_step')}/{state.get('max_steps')}, epoch "
-            f"{state.get('epoch') or 0:.2f}/{planned:.2f}{progress}, "
-            f"{state.get('samples_seen')} samples, {state.get('tokens_seen')} tokens"
-        )
-        losses = [h for h in state.get("log_history", []) if "loss" in h]
-        if losses:
-            last = losses[-1]
-            loss, lr = last.get("loss"), last.get("learning_rate")
-            numbers = isinstance(loss, int | float) and isinstance(lr, int | float)
-            print(f"  last log     loss {loss:.4f}, lr {lr:.3e}" if numbers else "")
-        if state.get("resumed_from"):
-            print(f"  resumed at   steps {state['resumed_from']}")
+    print(render_inspect(path, problem, checkpoint.peek(path)))
     if problem is not None:
         return 1
     cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
-    preview = preview_resume(cfg, path, args.allow_data_change)
-    print(f"resume with {args.config}:")
-    if preview["refusals"]:
-        for line in preview["refusals"]:
-            print(f"  would refuse {line}")
-    else:
-        print(
-            f"  allowed      {preview['steps_left']} steps left "
-            f"(to step {preview['planned_steps']})"
-        )
-    for key, was, now in preview["overrides"]:
-        print(f"  override     {key}: {was!r} -> {now!r}")
-    for key, was, now in preview["kept"]:
-        print(f"  kept         {key}={was!r} from the checkpoint (config says {now!r})")
-    if preview["lr_after"] is not None:
-        print(
-            f"  LR at step   {preview['step']}: {preview['lr_before']:.3g} -> "
-            f"{preview['lr_after']:.3g}; decay ends at step {preview['decay_ends']}"
-        )
+    plan = make_plan(cfg, resume=str(path), allow_data_change=args.allow_data_change, preview=True)
+    print(render_preview(plan, args.config))
     return 0
 
 
@@ -268,8 +222,8 @@ def cmd_ckpt_prune(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sftrun import constants as C
     from sftrun.config import load_config
+    from sftrun.datastage import prepare_data
     from sftrun.modeling import load_tokenizer, tokenizer_sha256
-    from sftrun.trainer import prepare_data
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
@@ -361,25 +315,7 @@ def _dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config for output_dir")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sftrun",
-        description="LoRA supervised fine-tuning with crash-safe checkpoints and exact resume.",
-        formatter_class=HELP,
-    )
-    parser.set_defaults(interrupted="interrupted")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    add_train_arguments(_sub(sub, "train", "train or resume a LoRA adapter"))
-
-    model = sub.add_parser("model", help="base model tools").add_subparsers(
-        dest="model_command", required=True
-    )
-    prep = _sub(model, "prepare", "build the bundled SmolLM2-135M-Instruct folder")
-    prep.add_argument("--out", default=C.DEFAULT_MODEL_DIR, help="destination folder")
-    prep.add_argument("--force", action="store_true", help="rebuild an existing folder")
-    prep.set_defaults(func=cmd_model_prepare)
-
+def _data_parsers(sub: Any) -> None:
     data = sub.add_parser("data", help="data tools").add_subparsers(
         dest="data_command", required=True
     )
@@ -396,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(prepare)
     prepare.set_defaults(func=cmd_data_prepare)
 
+
+def _ckpt_parsers(sub: Any) -> None:
     ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(
         dest="ckpt_command", required=True
     )
@@ -422,6 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--keep-best", action="store_true", help="also keep the best one")
     prune.set_defaults(func=cmd_ckpt_prune)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftrun",
+        description="LoRA supervised fine-tuning with crash-safe checkpoints and exact resume.",
+        formatter_class=HELP,
+    )
+    parser.set_defaults(interrupted="interrupted")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    add_train_arguments(_sub(sub, "train", "train or resume a LoRA adapter"))
+
+    model = sub.add_parser("model", help="base model tools").add_subparsers(
+        dest="model_command", required=True
+    )
+    prep = _sub(model, "prepare", "build the bundled SmolLM2-135M-Instruct folder")
+    prep.add_argument("--out", default=C.DEFAULT_MODEL_DIR, help="destination folder")
+    prep.add_argument("--force", action="store_true", help="rebuild an existing folder")
+    prep.set_defaults(func=cmd_model_prepare)
+
+    _data_parsers(sub)
+    _ckpt_parsers(sub)
     ev = _sub(sub, "eval", "held-out loss, perplexity, accuracy, report and plots")
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="evaluate this checkpoint's adapter")
@@ -451,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit code (0 ok, non-zero with one line on stderr)."""
+def main(argv: Sequence[str] | None = None, hooks: RunHooks | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok, non-zero with one line on stderr).
+
+    ``hooks`` reach into a training run (tests and benchmarks; see ``sftrun.hooks``)."""
     parser = build_parser()
     # KEY=VALUE overrides may follow options that follow a positional argument
     # (`ckpt inspect DIR --config c.yaml lr=1`), which plain argparse cannot interleave.
@@ -464,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     try:
+        args.hooks = hooks or RunHooks()
         return int(args.func(args))
     except SftrunError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import safetensors.torch
 import torch
 
 from sftrun import constants as C
+from sftrun.config import TrainingConfig
 from sftrun.constants import IGNORE_INDEX
 from sftrun.data import (
     TokenizedData,
@@ -29,6 +31,7 @@ from sftrun.data import (
 from sftrun.errors import DataError, DiskSpaceError
 
 CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
+log = logging.getLogger("sftrun")
 
 
 def cache_key(path: str | Path, tokenizer_sha: str, render: dict[str, Any]) -> str:
@@ -151,3 +154,24 @@ def write_report(reports: dict[str, tuple[str, dict[str, Any]]]) -> tuple[Path, 
         ]
     (out / "stats.md").write_text("\n".join(lines))
     return out / "stats.json", out / "stats.md"
+
+
+def prepare_data(
+    cfg: TrainingConfig, tokenizer: Any, tok_sha: str, report: bool = True
+) -> tuple[TokenizedData, TokenizedData | None]:
+    """Stage 1: validated, tokenized train/eval data (from the cache when it is current).
+
+    ``tok_sha`` is ``tokenizer_sha256(tokenizer)``, part of the cache key. With ``report``,
+    also writes ``outputs/1_data/stats.json`` and ``stats.md``.
+    """
+    splits = {"train": cfg.train_file, **({"eval": cfg.eval_file} if cfg.eval_file else {})}
+    loaded: dict[str, TokenizedData] = {}
+    for split, path in splits.items():
+        data, cached = load_or_tokenize(
+            tokenizer, tok_sha, path, cfg.max_seq_length, cfg.overlong, cfg.train_on
+        )
+        log.info("%s data %s: %s", split, path, "tokenized cache hit" if cached else "tokenized")
+        loaded[split] = data
+    if report:
+        write_report({k: (splits[k], stats(v)) for k, v in loaded.items()})
+    return loaded["train"], loaded.get("eval")

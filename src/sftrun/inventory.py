@@ -1,8 +1,8 @@
 """Checkpoint tools: ``sftrun ckpt list | inspect | verify | prune``.
 
-Owns how checkpoints are presented to a person (tables, JSON) and the prune policy's
-user-facing side. Reads folders only through ``checkpoint`` (``scan``, ``peek``, ``verify``,
-``delete``); never writes a checkpoint.
+Owns how checkpoints are presented to a person (tables, JSON, ``ckpt inspect``'s report and
+resume dry run) and the prune policy's user-facing side. Reads folders only through
+``checkpoint`` (``scan``, ``peek``, ``verify``, ``delete``); never writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sftrun import checkpoint
 from sftrun.monitor import fmt_bytes
+
+if TYPE_CHECKING:
+    from sftrun.plan import RunPlan
 
 
 @dataclass
@@ -172,3 +175,59 @@ def prune(output_dir: str | Path, keep: int, keep_best: bool) -> PruneResult:
         [i.path for i in valid if i.path in spared],
         [(i.path, i.problem or "") for i in infos if not i.valid],
     )
+
+
+def render_inspect(path: Path, problem: str | None, view: dict[str, Any]) -> str:
+    """``ckpt inspect``'s report of one folder: status, manifest, identity and progress."""
+    manifest, state = view.get("manifest", {}), view.get("state", {})
+    lines = [f"{path}: {'valid' if problem is None else 'INVALID: ' + problem}"]
+    if manifest:
+        lines.append(
+            f"  written      {manifest.get('created')}  (format {manifest.get('format_version')})"
+        )
+        versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+        lines.append(f"  versions     {versions}")
+        if manifest.get("run_id"):
+            lines.append(f"  run          {manifest['run_id']}")
+        for name, entry in sorted(manifest.get("files", {}).items()):
+            lines.append(
+                f"  file         {name:<26} {fmt_bytes(entry['size']):>9}  "
+                f"sha256 {entry['sha256'][:12]}"
+            )
+        lines += [f"  identity     {k} = {v}" for k, v in manifest.get("identity", {}).items()]
+    if state:
+        planned = state.get("num_train_epochs") or 0
+        epoch = state.get("epoch") or 0
+        progress = f" ({100 * epoch / planned:.1f}%)" if planned else ""
+        lines.append(
+            f"  progress     step {state.get('global_step')}/{state.get('max_steps')}, epoch "
+            f"{epoch:.2f}/{planned:.2f}{progress}, {state.get('samples_seen')} samples, "
+            f"{state.get('tokens_seen')} tokens"
+        )
+        loss = _last(state.get("log_history", []), "loss")
+        lr = _last(state.get("log_history", []), "learning_rate")
+        if loss is not None and lr is not None:
+            lines.append(f"  last log     loss {loss:.4f}, lr {lr:.3e}")
+        if state.get("resumed_from"):
+            lines.append(f"  resumed at   steps {state['resumed_from']}")
+    return "\n".join(lines)
+
+
+def render_preview(plan: RunPlan, config_path: str) -> str:
+    """``ckpt inspect``'s dry run: what resuming with this config would do or refuse."""
+    lines = [f"resume with {config_path}:"]
+    if plan.refusals:
+        lines += [f"  would refuse {line}" for line in plan.refusals]
+    else:
+        lines.append(f"  allowed      {plan.steps_left} steps left (to step {plan.planned})")
+    lines += [f"  override     {k}: {was!r} -> {now!r}" for k, was, now in plan.overrides]
+    lines += [
+        f"  kept         {k}={was!r} from the checkpoint (config says {now!r})"
+        for k, was, now in plan.kept
+    ]
+    if plan.lr_plan is not None:
+        lines.append(
+            f"  LR at step   {plan.state.global_step}: {plan.lr_plan.lr_before:.3g} -> "
+            f"{plan.lr_plan.lr_after:.3g}; decay ends at step {plan.schedule.total_steps}"
+        )
+    return "\n".join(lines)

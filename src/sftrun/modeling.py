@@ -214,8 +214,11 @@ def load_lora_model(
     backend: Backend,
     compute_dtype: torch.dtype,
     max_seq_length: int,
+    fast_lora: bool = True,
 ) -> Any:
-    """The base model with a freshly initialised LoRA adapter (seed the RNG first)."""
+    """The base model with a freshly initialised LoRA adapter (seed the RNG first).
+
+    ``fast_lora`` routes LoRA layers through ``fastlora`` where it applies (see there)."""
     p = check_model_dir(path)
     if backend.name == "unsloth":
         from unsloth import FastLanguageModel
@@ -252,7 +255,8 @@ def load_lora_model(
             f"layers available: {', '.join(sorted(_linear_names(base)))}"
         )
     model = get_peft_model(base, lora_config(settings, str(path)))
-    use_fast_lora(model)
+    if fast_lora:
+        use_fast_lora(model)
     return model
 
 

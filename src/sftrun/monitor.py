@@ -7,14 +7,20 @@ Never decides anything about training; it only records what the loop reports.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from sftrun import constants as C
+from sftrun.data import TokenizedData, format_counts
+
+if TYPE_CHECKING:
+    from sftrun.plan import RunPlan
 
 log = logging.getLogger("sftrun")
 
@@ -121,3 +127,82 @@ def progress_bar(total: int, initial: int) -> Any:
         dynamic_ncols=True,
         disable=not sys.stderr.isatty(),
     )
+
+
+def mark_superseded_boards(names: set[str], step: int) -> dict[str, str]:
+    """Rename TensorBoard runs that drew steps past ``step`` (now superseded) to
+    ``<name>.superseded-after-<step>``, so TensorBoard shows them as their own, marked curves
+    instead of one line with two versions of those steps. Only timestamp-named real folders
+    directly inside the TensorBoard folder are renamed; returns old name -> new name.
+    """
+    root = Path(C.TENSORBOARD_DIR)
+    renamed = {}
+    for name in sorted(names):
+        source, target = root / name, root / f"{name}.superseded-after-{step}"
+        if re.fullmatch(r"[0-9_]+", name) and source.is_dir() and not source.is_symlink():
+            if not target.exists():
+                os.rename(source, target)
+                renamed[name] = target.name
+                log.info("TensorBoard run %s drew steps past %d: renamed to %s", name, step, target)
+    return renamed
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _data_line(name: str, path: str, data: TokenizedData) -> str:
+    c = data.counts
+    return (
+        f"  {name:<12} {path}: {len(data)} examples ({format_counts(c)}), "
+        f"{data.num_tokens:,} tokens, {data.num_label_tokens:,} with loss; truncated "
+        f"{c['truncated']}, dropped {c['dropped']}"
+    )
+
+
+def run_summary(
+    plan: RunPlan, *, trainable: int, total: int, checkpoint_bytes: int, log_file: Path
+) -> str:
+    """The summary printed (and logged) before training starts."""
+    cfg, sched, lora = plan.cfg, plan.schedule, plan.cfg.lora
+    lines = [
+        "sftrun: LoRA fine-tuning",
+        f"  {'model':<12} {cfg.model_name_or_path} "
+        f"(backend {plan.backend.name}: {plan.backend.reason})",
+        f"  {'trainable':<12} {fmt_count(trainable)} of {fmt_count(total)} parameters; LoRA "
+        f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on "
+        f"{', '.join(lora.target_modules)}",
+        _data_line("train data", cfg.train_file, plan.train_data),
+    ]
+    if plan.eval_data is not None and cfg.eval_file:
+        lines.append(_data_line("eval data", cfg.eval_file, plan.eval_data))
+    lines += [
+        f"  {'batch':<12} {cfg.per_device_train_batch_size} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation x {plan.world} process(es) = "
+        f"{plan.global_batch} examples per step; max_seq_length {cfg.max_seq_length}; "
+        f"{plan.dtype}",
+        f"  {'length':<12} {plan.planned} steps = {plan.epochs:.2f} epochs; LR "
+        f"{sched.peak_lr:g} {sched.kind}, warm-up {sched.warmup_steps} steps",
+        f"  {'checkpoints':<12} {plan.out}/checkpoint-<step> every {cfg.save_steps} steps and "
+        f"at the end, about {fmt_bytes(checkpoint_bytes)} each"
+        + (f", keeping {cfg.save_total_limit}" if cfg.save_total_limit else ""),
+    ]
+    if plan.ckpt_path is not None:
+        epoch = plan.state.samples_seen / len(plan.train_data)
+        lines.append(
+            f"  {'resume':<12} from {plan.ckpt_path}: step {plan.state.global_step}/"
+            f"{plan.planned}, epoch {epoch:.2f}/{plan.epochs:.2f} "
+            f"({100 * epoch / plan.epochs:.1f}%)"
+        )
+        lines += [f"  {'skipped':<12} {i.path.name}: {i.problem}" for i in plan.skipped]
+        if plan.newer:
+            lines.append(
+                f"  {'move aside':<12} {', '.join(p.name for p in plan.newer)} are newer than "
+                "the resume step; they will be moved into a superseded-<timestamp>/ folder"
+            )
+    lines += [f"  {'note':<12} {n}" for n in plan.notes]
+    lines.append(f"  {'logs':<12} {log_file}")
+    return "\n".join(lines)

@@ -4,12 +4,12 @@ Owns the identity of a run (the settings that define the model and the data it s
 comparison against a checkpoint's identity, the list of tunable overrides, and the schedule a
 resumed run follows. Never reads or writes files; ``checkpoint`` does that.
 
-Contract (docs/resume.md states it for users):
-- identity must match, or resume is refused with every difference named;
-- ``num_train_epochs``/``max_steps``, ``learning_rate``, ``logging_steps``, ``save_steps``,
-  ``eval_steps``, ``save_total_limit`` and the split of the same global batch into
-  micro-batch x accumulation may change; each change is reported as an override;
-- the LR schedule's kind and warm-up always come from the checkpoint;
+Contract (docs/resume.md states it for users). Every config key is in exactly one group
+(a test holds the union to the config's fields):
+- :data:`IDENTITY` must match, or resume is refused with every difference named once;
+- :data:`TUNABLE` may change; each change is reported as an override;
+- :data:`KEPT` keep the checkpoint's value (the LR schedule's kind and warm-up, Adam's
+  constants), and the summary says so;
 - a longer run stretches the old decay, unless the old decay had (nearly) ended: then the
   extension decays afresh from ``learning_rate`` (:data:`RESTART_BELOW`);
 - a run owns its output folder: a fresh start refuses a folder that holds checkpoints, and
@@ -30,8 +30,25 @@ from sftrun.schedule import Schedule, retarget
 # run's peak: stretching a curve that has reached ~0 would train the new steps at ~0.
 RESTART_BELOW = 0.1
 
+# Settings a checkpoint is bound to, as (key, how it is compared).
+IDENTITY = {
+    "model_name_or_path": "the path and the sha256 of the weights and config",
+    "train_file": "the sha256 of the file's bytes (the data fingerprint)",
+    "max_seq_length": "equal",
+    "overlong": "equal (part of the data fingerprint)",
+    "train_on": "equal (part of the data fingerprint)",
+    "seed": "equal",
+    "dtype": "the resolved precision is equal",
+    "lora": "every LoRA setting is equal",
+}
+# Settings that shape the tokens the data becomes; a change is reported as itself, not also
+# as changed data.
+RENDER_KEYS = ("max_seq_length", "overlong", "train_on")
+
 # Settings that may take a new value on resume, as (key, what happens).
 TUNABLE = {
+    "eval_file": "new held-out data from the resume step on",
+    "output_dir": "checkpoints from the resume step on go to the new folder",
     "num_train_epochs": "the run's length is re-planned; the LR decay is stretched to the new end",
     "max_steps": "the run's length is re-planned; the LR decay is stretched to the new end",
     "learning_rate": "the LR curve is scaled to the new peak from the resume step on",
@@ -68,6 +85,11 @@ def resolved_dtype(cfg: TrainingConfig, cuda: bool) -> str:
     return cfg.dtype
 
 
+def global_batch_size(cfg: TrainingConfig, world_size: int) -> int:
+    """Examples per optimizer step: micro-batch x accumulation x processes (the one formula)."""
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+
+
 def build_identity(
     cfg: TrainingConfig,
     *,
@@ -87,9 +109,7 @@ def build_identity(
         "dtype": dtype,
         "packing": False,
         "seed": cfg.seed,
-        "global_batch_size": cfg.per_device_train_batch_size
-        * cfg.gradient_accumulation_steps
-        * world_size,
+        "global_batch_size": global_batch_size(cfg, world_size),
         "data_fingerprint": data_fingerprint,
     }
 
@@ -111,9 +131,30 @@ def _short(value: Any) -> str:
     return text
 
 
-def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def identity_differences(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    old_render: dict[str, Any] | None = None,
+    new_render: dict[str, Any] | None = None,
+    same_content: bool = False,
+) -> list[tuple[str, Any, Any]]:
+    """Every identity setting that differs, as (key, old, new), each change named once.
+
+    When only rendering settings changed (``same_content``: the data fingerprint under the
+    checkpoint's rendering equals the checkpoint's), those settings are listed instead of a
+    changed data fingerprint.
+    """
     a, b = _flatten(old), _flatten(new)
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if same_content and old_render is not None and new_render is not None:
+        diffs = [d for d in diffs if d[0] != "data_fingerprint"]
+        named = {k for k, _, _ in diffs}
+        diffs += [
+            (k, old_render.get(k), new_render.get(k))
+            for k in RENDER_KEYS
+            if k not in named and old_render.get(k) != new_render.get(k)
+        ]
+    return sorted(diffs)
 
 
 IDENTITY_LABELS = {
@@ -128,30 +169,29 @@ def describe_difference(key: str, was: Any, now: Any) -> str:
     return f"{IDENTITY_LABELS.get(key, key)}: {_short(was)} -> {_short(now)}"
 
 
-def check_identity(old: dict[str, Any], new: dict[str, Any], allow_data_change: bool) -> list[str]:
-    """Raise CheckpointError listing every identity difference; return notes for allowed ones."""
-    notes = []
-    blocking = []
-    for key, was, now in identity_differences(old, new):
-        if key == "data_fingerprint" and allow_data_change:
-            notes.append(
-                "training data changed since the checkpoint; accepted (--allow-data-change)"
-            )
-        else:
-            blocking.append((key, was, now))
-    if blocking:
-        fix = (
-            "; pass --allow-data-change to accept changed data"
-            if any(k == "data_fingerprint" for k, _, _ in blocking)
-            else ""
-        )
-        raise CheckpointError(
-            "the model is not compatible with the checkpoint: "
-            + "; ".join(describe_difference(*d) for d in blocking)
-            + "; put these settings back to the checkpoint's values, or start a new run with "
-            "another output_dir" + fix
-        )
-    return notes
+def identity_error(blocking: list[tuple[str, Any, Any]]) -> CheckpointError:
+    """The one refusal that names every blocking identity difference and the fix."""
+    fix = (
+        "; pass --allow-data-change to accept changed data"
+        if any(k == "data_fingerprint" for k, _, _ in blocking)
+        else ""
+    )
+    return CheckpointError(
+        "the model is not compatible with the checkpoint: "
+        + "; ".join(describe_difference(*d) for d in blocking)
+        + "; put these settings back to the checkpoint's values, or start a new run with "
+        "another output_dir" + fix
+    )
+
+
+def split_identity(
+    diffs: list[tuple[str, Any, Any]], allow_data_change: bool
+) -> tuple[list[tuple[str, Any, Any]], list[str]]:
+    """(blocking differences, notes for the ones ``--allow-data-change`` accepts)."""
+    if allow_data_change and any(k == "data_fingerprint" for k, _, _ in diffs):
+        notes = ["training data changed since the checkpoint; accepted (--allow-data-change)"]
+        return [d for d in diffs if d[0] != "data_fingerprint"], notes
+    return diffs, []
 
 
 def config_overrides(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tuple[str, Any, Any]]:
@@ -162,7 +202,7 @@ def config_overrides(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tupl
     ]
 
 
-def ignored_changes(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tuple[str, Any, Any]]:
+def kept_changes(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tuple[str, Any, Any]]:
     new = cfg.model_dump(mode="json")
     return [(k, old_args.get(k), new[k]) for k in KEPT if k in old_args and old_args[k] != new[k]]
 

@@ -6,6 +6,7 @@
 - SFTRUN_TEST_SLOW_SAVE=SECONDS       sleep after each file a save writes (widens the window)
 
 Signals and kills are real (os.kill on this process), so handlers run as they would in use.
+The faults come in through ``sftrun.hooks.RunHooks``; nothing in sftrun is patched.
 """
 
 import os
@@ -13,12 +14,10 @@ import signal
 import sys
 import time
 
-from sftrun import checkpoint, trainer
 from sftrun.cli import main
+from sftrun.hooks import RunHooks
 
 env = os.environ
-_save = checkpoint.save
-_step_indices = trainer.step_indices
 
 
 def _parse(name):
@@ -26,33 +25,25 @@ def _parse(name):
     return int(step), rest
 
 
-def save(output_dir, step, payload, hook=None):
-    def chaos_hook(filename):
-        if hook is not None:
-            hook(filename)
-        if "SFTRUN_TEST_SLOW_SAVE" in env:
-            time.sleep(float(env["SFTRUN_TEST_SLOW_SAVE"]))
-        if "SFTRUN_TEST_KILL_IN_SAVE" in env and _parse("SFTRUN_TEST_KILL_IN_SAVE") == (
-            step,
-            filename,
-        ):
-            os.kill(os.getpid(), signal.SIGKILL)
+def after_file(step, filename):
+    if "SFTRUN_TEST_SLOW_SAVE" in env:
+        time.sleep(float(env["SFTRUN_TEST_SLOW_SAVE"]))
+    if "SFTRUN_TEST_KILL_IN_SAVE" in env and _parse("SFTRUN_TEST_KILL_IN_SAVE") == (step, filename):
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    path = _save(output_dir, step, payload, chaos_hook)
+
+def after_commit(step, path):
     if env.get("SFTRUN_TEST_KILL_AFTER_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-    return path
 
 
-def step_indices(seed, n, samples_seen, count):
+def on_step_start(step):
     if "SFTRUN_TEST_SIGNAL_AT_STEP" in env:
-        step, names = _parse("SFTRUN_TEST_SIGNAL_AT_STEP")
-        if samples_seen == step * count:
+        at, names = _parse("SFTRUN_TEST_SIGNAL_AT_STEP")
+        if step == at:
             for name in names.split(","):
                 os.kill(os.getpid(), signal.Signals[name])
-    return _step_indices(seed, n, samples_seen, count)
 
 
-checkpoint.save = save
-trainer.step_indices = step_indices
-sys.exit(main(sys.argv[1:]))
+hooks = RunHooks(on_step_start=on_step_start, after_file=after_file, after_commit=after_commit)
+sys.exit(main(sys.argv[1:], hooks=hooks))

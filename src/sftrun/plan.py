@@ -1,0 +1,279 @@
+"""Planning a run: everything decided before the model is built, for training and for
+``sftrun ckpt inspect`` alike.
+
+Owns ``RunPlan`` and ``make_plan``: preflight, the checkpoint to resume, folder ownership, the
+data, the identity check, the run's length and LR schedule, overrides and kept settings, and
+what will be moved aside. Applies the policy of ``resume`` to what ``checkpoint`` and
+``datastage`` read; never writes a checkpoint and never builds the model. Training calls it
+strictly (the first refusal is raised); a preview collects every refusal instead.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sftrun import checkpoint
+from sftrun.config import TrainingConfig
+from sftrun.data import (
+    Conversation,
+    TokenizedData,
+    check_data_file,
+    data_fingerprint,
+    read_conversations,
+)
+from sftrun.datastage import prepare_data
+from sftrun.errors import CheckpointError, ConfigError, SftrunError
+from sftrun.modeling import (
+    Backend,
+    load_tokenizer,
+    select_backend,
+    tokenizer_sha256,
+    weights_sha256,
+)
+from sftrun.resume import (
+    RENDER_KEYS,
+    SchedulePlan,
+    build_identity,
+    check_folder_owner,
+    config_overrides,
+    describe_difference,
+    global_batch_size,
+    identity_differences,
+    identity_error,
+    kept_changes,
+    plan_schedule,
+    resolved_dtype,
+    split_identity,
+)
+from sftrun.sampler import total_steps
+from sftrun.schedule import Schedule, build_schedule
+from sftrun.state import TrainState
+
+
+@dataclass(kw_only=True)
+class RunPlan:
+    """What a run will do, all of it checked (a preview lists its ``refusals`` instead)."""
+
+    cfg: TrainingConfig
+    dtype: str
+    out: Path
+    backend: Backend
+    tokenizer: Any
+    train_data: TokenizedData
+    eval_data: TokenizedData | None
+    eval_convs: list[Conversation]
+    identity: dict[str, Any]
+    world: int
+    global_batch: int
+    planned: int
+    state: TrainState
+    schedule: Schedule
+    ckpt_path: Path | None = None
+    payload: checkpoint.CheckpointPayload | None = None
+    skipped: list[checkpoint.CheckpointInfo] = field(default_factory=list)
+    newer: list[Path] = field(default_factory=list)
+    overrides: list[tuple[str, Any, Any]] = field(default_factory=list)
+    kept: list[tuple[str, Any, Any]] = field(default_factory=list)
+    lr_plan: SchedulePlan | None = None
+    notes: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+
+    @property
+    def steps_left(self) -> int:
+        return max(0, self.planned - self.state.global_step)
+
+    @property
+    def epochs(self) -> float:
+        return self.planned * self.global_batch / len(self.train_data)
+
+
+def _refuse(plan_refusals: list[str] | None, error: SftrunError) -> None:
+    """Raise ``error`` when planning strictly; note it when previewing."""
+    if plan_refusals is None:
+        raise error
+    plan_refusals.append(str(error))
+
+
+def check_output_dir(out: Path) -> None:
+    """Raise ConfigError unless ``out`` is (or can be created as) a writable folder.
+
+    Checked by writing and removing a probe file, before any model is loaded, so a bad
+    folder is found before the first save rather than after the steps up to it.
+    """
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(
+            f"output_dir {out} is a symbolic link to a missing folder ({os.readlink(out)}); "
+            "create that folder or set output_dir elsewhere"
+        )
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"output_dir {out}: {probe} is a file, not a folder; set output_dir to a folder"
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sftrun-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"output_dir {out}: cannot write in {probe} ({exc.strerror}); set output_dir to "
+            "a writable folder"
+        ) from None
+
+
+def make_plan(
+    cfg: TrainingConfig,
+    *,
+    resume: str | None = None,
+    no_unsloth: bool = False,
+    allow_data_change: bool = False,
+    preview: bool = False,
+) -> RunPlan:
+    """Plan a fresh run, or the resume from ``resume`` (a folder or 'latest').
+
+    Order: preflight (output folder, data files), the checkpoint (verified), ownership of the
+    output folder, then the slower steps (tokenizer, data, identity hashes). Raises the first
+    refusal (SftrunError) unless ``preview``, which collects them in ``refusals`` and raises
+    only when the checkpoint itself cannot be read.
+    """
+    out = Path(cfg.output_dir)
+    refusals: list[str] | None = [] if preview else None
+    if not preview:
+        check_output_dir(out)
+    for key in ("train_file", "eval_file"):
+        if getattr(cfg, key):
+            check_data_file(getattr(cfg, key), key)
+    ckpt_path, skipped, payload = _checkpoint_to_resume(out, resume, refusals)
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tok_sha = tokenizer_sha256(tokenizer)
+    train_data, eval_data = prepare_data(cfg, tokenizer, tok_sha, report=not preview)
+    eval_convs = (
+        read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None] if cfg.eval_file else []
+    )
+    world = _world_size(payload if preview else None)
+    dtype = resolved_dtype(cfg, torch.cuda.is_available())
+    identity = build_identity(
+        cfg,
+        base_model_sha256=weights_sha256(cfg.model_name_or_path),
+        tokenizer_sha256=tok_sha,
+        data_fingerprint=train_data.fingerprint,
+        dtype=dtype,
+        world_size=world,
+    )
+    batch = global_batch_size(cfg, world)
+    planned = total_steps(len(train_data), batch, cfg.num_train_epochs, cfg.max_steps)
+    plan = RunPlan(
+        cfg=cfg,
+        dtype=dtype,
+        out=out,
+        backend=select_backend(cfg.backend, no_unsloth),
+        tokenizer=tokenizer,
+        train_data=train_data,
+        eval_data=eval_data,
+        eval_convs=eval_convs,
+        identity=identity,
+        world=world,
+        global_batch=batch,
+        planned=planned,
+        state=TrainState(),
+        schedule=build_schedule(
+            cfg.lr_scheduler_type, cfg.learning_rate, planned, cfg.warmup_steps, cfg.warmup_ratio
+        ),
+        ckpt_path=ckpt_path,
+        payload=payload,
+        skipped=skipped,
+        refusals=refusals if refusals is not None else [],
+    )
+    if payload is not None:
+        _plan_resume(plan, payload, allow_data_change, refusals)
+    return plan
+
+
+def _checkpoint_to_resume(
+    out: Path, resume: str | None, refusals: list[str] | None
+) -> tuple[Path | None, list[checkpoint.CheckpointInfo], checkpoint.CheckpointPayload | None]:
+    """The verified checkpoint (with the newer folders skipped), after the ownership check."""
+    ckpt_path: Path | None = None
+    payload: checkpoint.CheckpointPayload | None = None
+    skipped: list[checkpoint.CheckpointInfo] = []
+    if resume is not None:
+        ckpt_path, skipped = checkpoint.resolve(resume, out)
+        payload, _ = checkpoint.load(ckpt_path)
+    try:
+        check_folder_owner(
+            out,
+            checkpoint.owners(out),
+            checkpoint.superseded_folders(out),
+            ckpt_path,
+            payload.run_id if payload is not None else None,
+        )
+    except CheckpointError as exc:
+        _refuse(refusals, exc)
+    return ckpt_path, skipped, payload
+
+
+def _world_size(payload: checkpoint.CheckpointPayload | None) -> int:
+    """The process count: the checkpoint's for a preview, else this launch's (without
+    creating the Accelerator, whose mixed-precision setting must wait for the checks)."""
+    if payload is not None:
+        return int(payload.training_args.get("world_size", 1))
+    from accelerate import PartialState
+
+    return int(PartialState().num_processes)
+
+
+def _plan_resume(
+    plan: RunPlan,
+    payload: checkpoint.CheckpointPayload,
+    allow_data_change: bool,
+    refusals: list[str] | None,
+) -> None:
+    """Check identity, restore the trainer state and re-plan what the config changed."""
+    cfg, old_args = plan.cfg, payload.training_args
+    old_render = {k: old_args.get(k) for k in RENDER_KEYS}
+    new_render = {k: getattr(cfg, k) for k in RENDER_KEYS}
+    same_content = old_render != new_render and (
+        data_fingerprint(cfg.train_file, old_render) == payload.identity.get("data_fingerprint")
+    )
+    diffs = identity_differences(
+        payload.identity, plan.identity, old_render, new_render, same_content
+    )
+    blocking, notes = split_identity(diffs, allow_data_change)
+    plan.notes += notes
+    if blocking:
+        if refusals is None:
+            raise identity_error(blocking)
+        refusals += [describe_difference(*d) for d in blocking]
+
+    plan.state = TrainState.from_dict(payload.trainer_state)
+    step = plan.state.global_step
+    plan.state.resumed_from.append(step)
+    if payload.run_id is None:
+        # A checkpoint from before run ids joins the one run its folder holds, if any.
+        known = [r for r in checkpoint.owners(plan.out) if r is not None]
+        if len(known) == 1:
+            plan.state.run_id = known[0]
+    old = Schedule.from_dict(payload.scheduler_state["schedule"])
+    try:
+        plan.lr_plan = plan_schedule(old, step, cfg.learning_rate, plan.planned)
+        plan.schedule = plan.lr_plan.schedule
+    except CheckpointError as exc:
+        _refuse(refusals, exc)
+    plan.overrides = config_overrides(old_args, cfg)
+    plan.kept = kept_changes(old_args, cfg)
+    plan.notes += [f"override {k}: {was!r} -> {now!r}" for k, was, now in plan.overrides]
+    plan.notes += [
+        f"kept {k}={was!r} from the checkpoint (config says {now!r})" for k, was, now in plan.kept
+    ]
+    if plan.lr_plan is not None and plan.lr_plan.changed:
+        plan.notes.append(plan.lr_plan.describe(step))
+    plan.newer = checkpoint.newer_than(plan.out, step)
