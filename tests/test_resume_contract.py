@@ -58,7 +58,8 @@ def test_identity_change_is_refused_naming_every_setting(
         "max_seq_length: 160 -> 128",
         "lora.r: 4 -> 8",
         "seed: 11 -> 3",
-        "global batch size (micro-batch x accumulation x processes): 4 -> 8",
+        "global batch size (micro-batch x accumulation x processes): "
+        "4 (2 x 2 x 1) -> 8 (4 x 2 x 1)",
     ):
         assert part in err
     # max_seq_length is a rendering setting: named once, not also as changed data.

@@ -43,12 +43,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
     from sftrun.config import load_config
+    from sftrun.distributed import launched_rank
     from sftrun.monitor import close_logging, setup_logging, timestamp, to_log_file
     from sftrun.trainer import RunOptions, run_training
 
     # The log file exists from the first instant and receives every error and the last line.
     stamp = timestamp()
-    log_file = setup_logging(stamp)
+    log_file = setup_logging(stamp, rank=launched_rank())
     try:
         cfg = load_config(args.config, args.overrides)
         opts = RunOptions(
@@ -72,7 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{result.tokens_per_second:.0f} tokens/s; log {result.log_file}"
             )
             code = 0
-        print(line, file=sys.stdout if code == 0 else sys.stderr)
+        if launched_rank() == 0:
+            print(line, file=sys.stdout if code == 0 else sys.stderr)
         to_log_file(logging.INFO if code == 0 else logging.WARNING, line)
         return code
     except SftrunError as exc:
@@ -429,7 +431,8 @@ def main(argv: Sequence[str] | None = None, hooks: RunHooks | None = None) -> in
         args.hooks = hooks or RunHooks()
         return int(args.func(args))
     except SftrunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # a multi-process launch: say which process
+        print(f"{f'rank {rank}: ' if rank else ''}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         message = args.interrupted

@@ -96,6 +96,9 @@ class TrainingConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute precision: auto = fp32 on CPU, bf16 autocast on CUDA."
     )
+    ddp_timeout: int = Field(
+        600, gt=0, description="Seconds a multi-process launch waits for every process."
+    )
     backend: Literal["auto", "unsloth", "plain"] = Field(
         "auto", description="Model backend: Unsloth where it imports and CUDA is there."
     )

@@ -32,6 +32,8 @@ class RunHooks:
 
     # Before step ``k`` (optimizer steps done so far) builds its batches.
     on_step_start: Callable[[int], None] = _nothing
+    # The sample ids of step ``k``'s whole global batch, on every process: (k, ids).
+    on_samples: Callable[[int, list[int]], None] = _nothing
     # Each micro-batch as collated, before its forward pass (token counts, injected errors).
     on_batch: Callable[[dict[str, torch.Tensor]], None] = _nothing
     # After each checkpoint file of step ``k`` is written and fsynced: (k, file name).

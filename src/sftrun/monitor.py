@@ -60,16 +60,27 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(stamp: str, console: bool = True) -> Path:
-    """Log to ``outputs/logs/sft_trainer_<stamp>.log`` (and the console); return the file."""
+def setup_logging(stamp: str, console: bool = True, rank: int = 0) -> Path:
+    """Log to ``outputs/logs/sft_trainer_<stamp>.log`` (and the console); return the file.
+
+    Only process 0 of a multi-process launch has the file and the console lines; the others
+    print warnings and errors only, marked with their rank.
+    """
     log_dir = Path(C.LOG_DIR)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = unique_path(log_dir, C.LOG_FILE_PATTERN.format(timestamp=stamp))
+    path = log_dir / C.LOG_FILE_PATTERN.format(timestamp=stamp)
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
-    log.setLevel(logging.INFO)
     log.propagate = False
+    if rank != 0:
+        log.setLevel(logging.WARNING)
+        quiet = logging.StreamHandler(sys.stderr)
+        quiet.setFormatter(logging.Formatter(f"rank {rank}: %(message)s"))
+        log.addHandler(quiet)
+        return path
+    log.setLevel(logging.INFO)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = unique_path(log_dir, C.LOG_FILE_PATTERN.format(timestamp=stamp))
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(file_handler)

@@ -10,6 +10,7 @@ strictly (the first refusal is raised); a preview collects every refusal instead
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint
+from sftrun import checkpoint, distributed
 from sftrun.config import TrainingConfig
 from sftrun.data import (
     Conversation,
@@ -146,20 +147,30 @@ def make_plan(
     """
     out = Path(cfg.output_dir)
     refusals: list[str] | None = [] if preview else None
+    # Every process of a launch joins the group first, so that a missing one fails here.
+    processes = None if preview else distributed.start(cfg.ddp_timeout)
     if not preview:
         check_output_dir(out)
     for key in ("train_file", "eval_file"):
         if getattr(cfg, key):
             check_data_file(getattr(cfg, key), key)
-    ckpt_path, skipped, payload = _checkpoint_to_resume(out, resume, refusals)
+    # Rank 0 alone looks for the checkpoint (and the folder's owner); every rank then loads
+    # the verified bytes of the folder it chose.
+    ckpt_path, skipped = distributed.decided_by_main(
+        lambda: _checkpoint_to_resume(out, resume, refusals)
+    )
+    payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     tok_sha = tokenizer_sha256(tokenizer)
-    train_data, eval_data = prepare_data(cfg, tokenizer, tok_sha, report=not preview)
+    with processes.main_process_first() if processes else contextlib.nullcontext():
+        train_data, eval_data = prepare_data(
+            cfg, tokenizer, tok_sha, report=not preview and distributed.rank() == 0
+        )
     eval_convs = (
         read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None] if cfg.eval_file else []
     )
-    world = _world_size(payload if preview else None)
+    world = processes.num_processes if processes else _saved_world(payload)
     dtype = resolved_dtype(cfg, torch.cuda.is_available())
     identity = build_identity(
         cfg,
@@ -200,35 +211,43 @@ def make_plan(
 
 def _checkpoint_to_resume(
     out: Path, resume: str | None, refusals: list[str] | None
-) -> tuple[Path | None, list[checkpoint.CheckpointInfo], checkpoint.CheckpointPayload | None]:
+) -> tuple[Path | None, list[checkpoint.CheckpointInfo]]:
     """The verified checkpoint (with the newer folders skipped), after the ownership check."""
     ckpt_path: Path | None = None
-    payload: checkpoint.CheckpointPayload | None = None
     skipped: list[checkpoint.CheckpointInfo] = []
     if resume is not None:
         ckpt_path, skipped = checkpoint.resolve(resume, out)
-        payload, _ = checkpoint.load(ckpt_path)
     try:
         check_folder_owner(
             out,
             checkpoint.owners(out),
             checkpoint.superseded_folders(out),
             ckpt_path,
-            payload.run_id if payload is not None else None,
+            checkpoint.run_id_of(ckpt_path) if ckpt_path is not None else None,
         )
     except CheckpointError as exc:
         _refuse(refusals, exc)
-    return ckpt_path, skipped, payload
+    return ckpt_path, skipped
 
 
-def _world_size(payload: checkpoint.CheckpointPayload | None) -> int:
-    """The process count: the checkpoint's for a preview, else this launch's (without
-    creating the Accelerator, whose mixed-precision setting must wait for the checks)."""
-    if payload is not None:
-        return int(payload.training_args.get("world_size", 1))
-    from accelerate import PartialState
+def _with_factors(
+    diff: tuple[str, Any, Any], old_args: dict[str, Any], cfg: TrainingConfig, world: int
+) -> tuple[str, Any, Any]:
+    """A global-batch difference names its three factors on both sides."""
+    key, was, now = diff
+    if key != "global_batch_size":
+        return diff
+    old = (
+        f"{old_args.get('per_device_train_batch_size')} x "
+        f"{old_args.get('gradient_accumulation_steps')} x {old_args.get('world_size', 1)}"
+    )
+    new = f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x {world}"
+    return key, f"{was} ({old})", f"{now} ({new})"
 
-    return int(PartialState().num_processes)
+
+def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:
+    """For a preview: the process count the checkpoint was written with."""
+    return int(payload.training_args.get("world_size", 1)) if payload is not None else 1
 
 
 def _plan_resume(
@@ -249,6 +268,7 @@ def _plan_resume(
     )
     blocking, notes = split_identity(diffs, allow_data_change)
     plan.notes += notes
+    blocking = [_with_factors(d, old_args, cfg, plan.world) for d in blocking]
     if blocking:
         if refusals is None:
             raise identity_error(blocking)
@@ -277,3 +297,10 @@ def _plan_resume(
     if plan.lr_plan is not None and plan.lr_plan.changed:
         plan.notes.append(plan.lr_plan.describe(step))
     plan.newer = checkpoint.newer_than(plan.out, step)
+    saved_world = int(old_args.get("world_size", 1))
+    if saved_world != plan.world:
+        plan.notes.append(
+            f"written by {saved_world} process(es), resumed on {plan.world}: the same samples "
+            "in the same order with the same optimizer and LR state; random states are "
+            "re-derived per process, so the numbers are not bit-identical to an uninterrupted run"
+        )

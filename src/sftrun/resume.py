@@ -66,6 +66,7 @@ TUNABLE = {
     "eval_max_samples": "new value for the final evaluation",
     "per_device_eval_batch_size": "new value for evaluation",
     "backend": "new value (same weights either way)",
+    "ddp_timeout": "new value for this launch",
 }
 
 # Settings that keep the checkpoint's value whatever the config now says.
@@ -125,6 +126,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, str) and " x " in value:  # a global batch with its factors
+        return value
     text = repr(value)
     if isinstance(value, str) and len(value) == 64:  # a sha256
         return text[:13] + "…'"

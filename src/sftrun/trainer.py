@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint, rng
+from sftrun import checkpoint, distributed, rng
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import collate
@@ -102,18 +102,27 @@ class StopRequest:
     """
 
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.received = 0  # the signal this process got (0: none)
+        self.signal_name: str | None = None  # the one all processes agreed to stop on
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
+        if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.received = signum
         log.warning(
             "%s received: finishing this step, then saving a checkpoint "
             "(press Ctrl-C again to abort without saving)",
-            self.signal_name,
+            signal.Signals(signum).name,
         )
+
+    def agree(self, device: Any) -> bool:
+        """After a step: every process stops if any got a signal (one collective when
+        there are several processes); True when the run must stop now."""
+        agreed = distributed.agreed_signal(self.received, device)
+        if agreed:
+            self.signal_name = signal.Signals(agreed).name
+        return bool(agreed)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
@@ -166,7 +175,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     )
     log.info("%s", summary)
     log.info("resolved config: %s", config_to_dict(cfg))
-    if not opts.yes and not _confirm(summary):
+    if not opts.yes and not distributed.decided_by_main(lambda: _confirm(summary)):
         log.info("cancelled; nothing was changed")
         return RunResult(plan.state.global_step, plan.planned, None, log_file, None, cancelled=True)
 
@@ -178,16 +187,23 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     ctx = _Loop(plan, opts, accelerator, loss_module, optimizer, model.peft_model, board)
     if plan.payload is None:
         plan.state.accuracy_before = _report_accuracy(ctx, "before")
-    # The RNG is set last, so step 0 (or the resume step) starts from a defined state
-    # whatever the setup above consumed.
-    if plan.payload is not None:
-        rng.restore(plan.payload.rng_state)
-    else:
-        rng.seed_everything(cfg.seed)
+    _set_rng(plan, accelerator)  # last: the first step starts from a defined state
     stopper = StopRequest()
     with stopper.installed():
         _train_loop(ctx, stopper)
     return _finish(ctx, stopper, log_file, started)
+
+
+def _set_rng(plan: RunPlan, accelerator: Any) -> None:
+    """Each process's random state for the first step: the checkpoint's own when it was
+    written by as many processes, else derived from (seed, step, process)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    saved = plan.payload.rng_state if plan.payload is not None else None
+    saved_world = int(plan.payload.training_args.get("world_size", 1)) if plan.payload else 0
+    if saved is not None and saved_world == world:
+        rng.restore(saved["ranks"][rank] if world > 1 else saved)
+    else:
+        rng.seed_everything(distributed.rank_seed(plan.cfg.seed, plan.state.global_step, rank))
 
 
 def _finish(ctx: _Loop, stopper: StopRequest, log_file: Path, started: float) -> RunResult:
@@ -304,6 +320,7 @@ def _optimizer(plan: RunPlan, peft_model: Any) -> torch.optim.Optimizer:
     )
     if plan.payload is not None:
         restore_adapter(peft_model, plan.payload.adapter_state, plan.ckpt_path)
+        _check_optimizer_state(plan, trainable_parameters(peft_model))
         optimizer.load_state_dict(plan.payload.optimizer_state)
         for group in optimizer.param_groups:
             group["weight_decay"] = cfg.weight_decay  # tunable; betas/eps stay the checkpoint's
@@ -316,6 +333,28 @@ def _optimizer(plan: RunPlan, peft_model: Any) -> torch.optim.Optimizer:
             plan.state.samples_seen,
         )
     return optimizer
+
+
+def _check_optimizer_state(plan: RunPlan, params: list[torch.nn.Parameter]) -> None:
+    """torch pairs optimizer state with parameters by position without checking; check the
+    count and every moment's shape first, so a mismatch is a refusal, not silent garbage."""
+    assert plan.payload is not None
+    saved = plan.payload.optimizer_state
+    ids = [i for group in saved.get("param_groups", []) for i in group.get("params", [])]
+    problem = None
+    if len(ids) != len(params):
+        problem = f"it holds {len(ids)} parameters, this adapter has {len(params)}"
+    else:
+        for index, param in zip(ids, params, strict=True):
+            for key, value in saved.get("state", {}).get(index, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    problem = f"{key} of parameter {index} is {tuple(value.shape)}, not "
+                    problem += f"{tuple(param.shape)}"
+    if problem is not None:
+        raise SftrunError(
+            f"{plan.ckpt_path}: {C.OPTIMIZER_FILE} does not fit this adapter ({problem}); "
+            "resume with the LoRA settings the checkpoint was made with"
+        )
 
 
 def _open_board(plan: RunPlan, accelerator: Any, stamp: str, summary: str) -> Board | None:
@@ -418,9 +457,10 @@ def _train_loop(ctx: _Loop, stopper: StopRequest) -> None:
                 window = MetricsWindow()
             if plan.eval_data is not None and _due(step, cfg.eval_steps, plan.planned):
                 _evaluate(ctx)
-            if _due(step, cfg.save_steps, plan.planned) or stopper.signal_name:
+            stop = stopper.agree(ctx.acc.device)
+            if _due(step, cfg.save_steps, plan.planned) or stop:
                 ctx.saved_here = _save(ctx)
-            if stopper.signal_name:
+            if stop:
                 command = ctx.opts.resume_command(ctx.saved_here)
                 log.warning(
                     "stopped by %s at step %d; resume with: %s", stopper.signal_name, step, command
@@ -446,14 +486,14 @@ def _optimizer_step(ctx: _Loop) -> StepStats:
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    share = micro * accum
-    indices = step_indices(
+    samples = step_indices(
         cfg.seed, len(plan.train_data), plan.state.samples_seen, plan.global_batch
     )
-    mine = indices[acc.process_index * share : (acc.process_index + 1) * share]
+    ctx.hooks.on_samples(step, samples)
     pad_id = _pad_id(ctx.peft_model)
     batches = [
-        collate(plan.train_data, mine[i * micro : (i + 1) * micro], pad_id) for i in range(accum)
+        collate(plan.train_data, ids, pad_id)
+        for ids in distributed.micro_batches(samples, acc.process_index, micro, accum)
     ]
     local_labels = sum(int((b["labels"][:, 1:] != C.IGNORE_INDEX).sum()) for b in batches)
     n_labels = int(acc.reduce(torch.tensor(local_labels, device=acc.device), "sum"))
@@ -565,7 +605,7 @@ def _pad_id(peft_model: Any) -> int:
 def _report_accuracy(ctx: _Loop, when: str) -> float | None:
     """Held-out generation accuracy, logged; None when there is nothing to score."""
     cfg, plan = ctx.cfg, ctx.plan
-    if not plan.eval_convs or cfg.eval_accuracy == "none":
+    if not plan.eval_convs or cfg.eval_accuracy == "none" or not ctx.acc.is_main_process:
         return None
     result = generation_accuracy(
         ctx.peft_model,
@@ -614,7 +654,9 @@ def _evaluate(ctx: _Loop) -> None:
         state.best_step = state.global_step
 
 
-def _payload(ctx: _Loop) -> checkpoint.CheckpointPayload:
+def _payload(ctx: _Loop, rng_states: list[dict[str, Any]]) -> checkpoint.CheckpointPayload:
+    """Everything the checkpoint holds; ``rng_states`` has every process's, in rank order
+    (one process: its state as the whole file; several: process 0's plus ``ranks``)."""
     from peft import get_peft_model_state_dict
 
     plan, state = ctx.plan, ctx.plan.state
@@ -637,7 +679,7 @@ def _payload(ctx: _Loop) -> checkpoint.CheckpointPayload:
             # Where the base model was, for tools run from another folder.
             "model_path_absolute": str(Path(ctx.cfg.model_name_or_path).resolve()),
         },
-        rng_state=rng.capture(),
+        rng_state=rng_states[0] if len(rng_states) == 1 else {**rng_states[0], "ranks": rng_states},
         identity=plan.identity,
         run_id=state.run_id,
     )
@@ -648,13 +690,17 @@ def _save(ctx: _Loop) -> Path:
     acc, state, hooks = ctx.acc, ctx.plan.state, ctx.hooks
     acc.wait_for_everyone()
     step = state.global_step
+    rng_states = distributed.gather_to_main(rng.capture())
     path = checkpoint.checkpoint_path(ctx.cfg.output_dir, step)
     if state.best_step == step:
         state.best_model_checkpoint = str(path)
-    if acc.is_main_process:
+    if rng_states is not None:  # the main process: the one writer
         t0 = time.perf_counter()
         path = checkpoint.save(
-            ctx.cfg.output_dir, step, _payload(ctx), hook=lambda name: hooks.after_file(step, name)
+            ctx.cfg.output_dir,
+            step,
+            _payload(ctx, rng_states),
+            hook=lambda name: hooks.after_file(step, name),
         )
         hooks.after_commit(step, path)
         best = state.best_model_checkpoint

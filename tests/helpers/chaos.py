@@ -4,6 +4,10 @@
 - SFTRUN_TEST_KILL_IN_SAVE=k:FILE     SIGKILL during the save of step k, after FILE is written
 - SFTRUN_TEST_SIGNAL_AT_STEP=k:SIG[,SIG]  send these signals to ourselves as step k+1 starts
 - SFTRUN_TEST_SLOW_SAVE=SECONDS       sleep after each file a save writes (widens the window)
+- SFTRUN_TEST_SIGNAL_RANK=r           only process r sends the SIGNAL_AT_STEP signals
+- SFTRUN_TEST_KILL_PEERS_IN_SAVE=k:FILE  process 0 SIGKILLs the other processes of the launch
+                                       during the save of step k, after FILE is written
+- SFTRUN_TEST_SAMPLES_LOG=PATH        process 0 appends "step: sample ids" for every step
 
 Signals and kills are real (os.kill on this process), so handlers run as they would in use.
 The faults come in through ``sftrun.hooks.RunHooks``; nothing in sftrun is patched.
@@ -25,11 +29,30 @@ def _parse(name):
     return int(step), rest
 
 
+def _peers():
+    """The other worker processes of this torchrun launch (same parent, not this one)."""
+    parent, me = os.getppid(), os.getpid()
+    peers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and int(pid) != me:
+            peers.append(int(pid))
+    return peers
+
+
 def after_file(step, filename):
     if "SFTRUN_TEST_SLOW_SAVE" in env:
         time.sleep(float(env["SFTRUN_TEST_SLOW_SAVE"]))
     if "SFTRUN_TEST_KILL_IN_SAVE" in env and _parse("SFTRUN_TEST_KILL_IN_SAVE") == (step, filename):
         os.kill(os.getpid(), signal.SIGKILL)
+    if "SFTRUN_TEST_KILL_PEERS_IN_SAVE" in env:
+        if _parse("SFTRUN_TEST_KILL_PEERS_IN_SAVE") == (step, filename):
+            for pid in _peers():
+                os.kill(pid, signal.SIGKILL)
 
 
 def after_commit(step, path):
@@ -37,7 +60,15 @@ def after_commit(step, path):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def on_samples(step, samples):
+    if "SFTRUN_TEST_SAMPLES_LOG" in env and env.get("RANK", "0") == "0":
+        with open(env["SFTRUN_TEST_SAMPLES_LOG"], "a") as fh:
+            fh.write(f"{step}: {' '.join(map(str, samples))}\n")
+
+
 def on_step_start(step):
+    if env.get("SFTRUN_TEST_SIGNAL_RANK", env.get("RANK", "0")) != env.get("RANK", "0"):
+        return
     if "SFTRUN_TEST_SIGNAL_AT_STEP" in env:
         at, names = _parse("SFTRUN_TEST_SIGNAL_AT_STEP")
         if step == at:
@@ -45,5 +76,10 @@ def on_step_start(step):
                 os.kill(os.getpid(), signal.Signals[name])
 
 
-hooks = RunHooks(on_step_start=on_step_start, after_file=after_file, after_commit=after_commit)
+hooks = RunHooks(
+    on_step_start=on_step_start,
+    on_samples=on_samples,
+    after_file=after_file,
+    after_commit=after_commit,
+)
 sys.exit(main(sys.argv[1:], hooks=hooks))

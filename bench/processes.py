@@ -1,0 +1,146 @@
+"""One process against two (torchrun, gloo) on this machine, the same work on both sides.
+
+Same model (the bundled SmolLM2-135M-Instruct), same data (the first 160 examples of the
+sample task), same LoRA and optimizer as bench/vs_trl.py, and the same global batch of 8:
+one process runs micro-batch 4 x accumulation 2 with all CPU threads, two processes run
+micro-batch 2 x accumulation 2 each with the threads split between them. Every optimizer
+step trains on exactly the same 8 samples on both sides (sftrun's data position is global),
+so the loss objective and the batches are identical; only the parallelism differs.
+Reported: trained (non-padding) tokens/s over the timed steps (the first step is warm-up),
+per round and as medians, and the ratio two/one within each round.
+
+    python bench/processes.py              # 6 timed steps x 3 alternating rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "model/models"
+TRAIN = REPO / "data/sample/train.jsonl"
+GLOBAL_BATCH, ACCUM, MAX_LEN, LR, SEED = 8, 2, 256, 2e-4, 42
+
+
+def child(steps: int, examples: int, out: Path) -> None:
+    """Train ``steps + 1`` steps in this process (one rank of a launch) and write its timings."""
+    from sftrun.config import load_config
+    from sftrun.distributed import launched_rank, launched_world_size
+    from sftrun.hooks import RunHooks
+    from sftrun.trainer import RunOptions, run_training
+
+    world, rank = launched_world_size(), launched_rank()
+    work = out.parent
+    data = work / "train.jsonl"
+    if rank == 0:
+        data.write_text("\n".join(TRAIN.read_text().splitlines()[:examples]) + "\n")
+    while not data.exists():
+        time.sleep(0.05)
+    os.chdir(work)
+    cfg = load_config(
+        None,
+        [
+            f"model_name_or_path={MODEL}",
+            f"train_file={data}",
+            "eval_file=null",
+            f"max_seq_length={MAX_LEN}",
+            f"max_steps={steps + 1}",
+            f"learning_rate={LR}",
+            f"per_device_train_batch_size={GLOBAL_BATCH // ACCUM // world}",
+            f"gradient_accumulation_steps={ACCUM}",
+            "logging_steps=1",
+            "save_steps=100000",
+            "eval_accuracy=none",
+            f"seed={SEED}",
+        ],
+    )
+    starts: dict[int, float] = {}
+    tokens: dict[int, int] = defaultdict(int)
+    current = {"step": 0}
+
+    def step_start(step: int) -> None:
+        current["step"] = step
+        starts[step] = time.perf_counter()
+
+    def count(batch: dict[str, Any]) -> None:
+        tokens[current["step"]] += int(batch["attention_mask"].sum())
+
+    hooks = RunHooks(on_step_start=step_start, on_batch=count)
+    run_training(cfg, RunOptions(yes=True, console=False, hooks=hooks))
+    starts[steps + 1] = time.perf_counter()
+    timed = range(1, steps + 1)  # step 0 is warm-up
+    result = {
+        "seconds": starts[steps + 1] - starts[1],
+        "tokens": sum(tokens[s] for s in timed),
+    }
+    (out.parent / f"{out.name}.rank{rank}").write_text(json.dumps(result))
+
+
+def run(processes: int, steps: int, examples: int) -> float:
+    """Tokens/s of one launch with ``processes`` processes (all ranks' tokens)."""
+    work = Path(tempfile.mkdtemp(prefix="sftrun-bench-proc-"))
+    out = work / "result"
+    args = [str(Path(__file__).resolve()), "--child", str(out)]
+    args += ["--steps", str(steps), "--examples", str(examples)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env["OMP_NUM_THREADS"] = str(threads)
+    if processes == 1:
+        cmd = [sys.executable, *args]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+        cmd += ["--master_addr=127.0.0.1", f"--master_port={port}", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
+    if proc.returncode != 0:
+        raise SystemExit(f"{processes} process(es) failed:\n{proc.stderr[-3000:]}")
+    parts = [json.loads((work / f"result.rank{r}").read_text()) for r in range(processes)]
+    # Every rank waits for the others at each step, so the slowest rank's time is the step's.
+    return sum(p["tokens"] for p in parts) / max(p["seconds"] for p in parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=160)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.steps, args.examples, args.child)
+        return
+    if not (MODEL / "config.json").is_file():
+        raise SystemExit("run `make model` (sftrun model prepare) first")
+    print(
+        f"machine: {os.cpu_count()} CPUs; {args.steps} timed steps x {args.rounds} rounds; "
+        f"global batch {GLOBAL_BATCH} (1 process: 4 x {ACCUM}; 2 processes: 2 x {ACCUM} each)"
+    )
+    results: dict[int, list[float]] = defaultdict(list)
+    for r in range(args.rounds):
+        for n in (1, 2) if r % 2 == 0 else (2, 1):
+            results[n].append(run(n, args.steps, args.examples))
+            print(f"  round {r + 1} {n} process(es): {results[n][-1]:7.1f} tokens/s", flush=True)
+    ratios = [two / one for one, two in zip(results[1], results[2], strict=True)]
+    print(
+        f"median tokens/s: 1 process {statistics.median(results[1]):.1f}, 2 processes "
+        f"{statistics.median(results[2]):.1f}; 2/1 per round "
+        + ", ".join(f"{x:.2f}" for x in ratios)
+        + f" (median {statistics.median(ratios):.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
