@@ -54,3 +54,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def entries(folder: Path) -> list[str]:
+    """The names in a run folder, sorted, without the run lock's own files."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".sftrun.lock"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import main_in, tiny_settings, write_config
+from tests.runs import entries
 
 from sftrun import checkpoint
 from sftrun import constants as C
@@ -51,7 +52,7 @@ def run_copy(finished_run: Path, copy_into_workdir) -> Path:
 
 
 def test_checkpoint_holds_exactly_the_documented_files(run_copy: Path) -> None:
-    assert sorted(p.name for p in run_copy.iterdir()) == [
+    assert entries(run_copy) == [
         "checkpoint-12",
         "checkpoint-3",
         "checkpoint-6",
@@ -240,7 +241,7 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(
     assert code == DiskSpaceError.exit_code
     assert "error: disk full while writing checkpoint-6" in err and err.count("\n") == 1
     out = workdir / "checkpoints/sft_model"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+    assert entries(out) == ["checkpoint-3"]
     assert checkpoint.verify(out / "checkpoint-3") is None
 
 
@@ -260,7 +261,7 @@ def test_rotation_keeps_the_newest(workdir: Path, tiny_config) -> None:
     cfg = tiny_config(save_total_limit=2, eval_file=None)
     assert main(["train", "-y", "--config", str(cfg)]) == 0
     out = workdir / "checkpoints/sft_model"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-9"]
+    assert entries(out) == ["checkpoint-12", "checkpoint-9"]
 
 
 def _tiny_payload(step: int, value: float | None = None) -> checkpoint.CheckpointPayload:
@@ -282,7 +283,7 @@ def test_rotation_protects_newest_and_best_and_ignores_damaged(tmp_path: Path) -
     (tmp_path / "checkpoint-1/manifest.json").unlink()  # damaged: left for the user
     removed = checkpoint.rotate(tmp_path, 2, protect={"checkpoint-2"}, run_id=None)
     assert sorted(p.name for p in removed) == ["checkpoint-3"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert entries(tmp_path) == [
         "checkpoint-1",
         "checkpoint-2",
         "checkpoint-4",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import tiny_settings, write_config
-from tests.runs import HELPERS, adapter, assert_same_tensors, trainer_state
+from tests.runs import HELPERS, adapter, assert_same_tensors, entries, trainer_state
 
 from sftrun import checkpoint
 from sftrun.distributed import micro_batches, rank_seed
@@ -114,7 +114,7 @@ def test_two_processes_write_one_checkpoint_per_step_with_every_rank_state(
     two_process_run: Path,
 ) -> None:
     out = two_process_run / OUT
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert entries(out) == [
         "checkpoint-12",
         "checkpoint-3",
         "checkpoint-6",
@@ -193,7 +193,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(
     proc = _torchrun(tmp_path, TWO, env=env)
     assert proc.returncode != 0  # torchrun reports the workers' exit 143
     assert proc.stderr.count(f"exitcode  : {128 + signal.SIGTERM}") in (0, 1, 2)
-    names = sorted(p.name for p in (tmp_path / OUT).iterdir())
+    names = entries(tmp_path / OUT)
     assert names == ["checkpoint-5"] and checkpoint.verify(tmp_path / OUT / "checkpoint-5") is None
     resumed = _torchrun(tmp_path, [*TWO, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import main_in, tiny_settings, write_config
-from tests.runs import adapter, run_sftrun, trainer_state
+from tests.runs import adapter, entries, run_sftrun, trainer_state
 
 from sftrun import checkpoint
 from sftrun.cli import main
@@ -143,7 +143,7 @@ def test_prune_and_rotation_never_follow_a_symlinked_checkpoint(
     code, out, _ = cli(capsys, "ckpt", "prune", str(run), "--keep", "1")
     assert code == 0
     assert "checkpoint-1: " in out and "symbolic link" in out
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "checkpoint-12"]
+    assert entries(run) == ["checkpoint-1", "checkpoint-12"]
     assert tree(elsewhere) == outside
     run_id = checkpoint.run_id_of(run / "checkpoint-12")
     assert checkpoint.rotate(run, 1, set(), run_id) == []  # the link is never a candidate
@@ -153,7 +153,7 @@ def test_prune_and_rotation_never_follow_a_symlinked_checkpoint(
 def test_prune_keep_zero_is_refused_and_prune_says_what_it_kept(run: Path, capsys) -> None:
     code, _, err = cli(capsys, "ckpt", "prune", str(run), "--keep", "0")
     assert code == 1 and "prune always keeps the newest" in one_line_error(err)
-    assert len(list(run.iterdir())) == 4
+    assert len(entries(run)) == 4
     code, out, _ = cli(capsys, "ckpt", "prune", str(run), "--keep", "2")
     assert code == 0 and "kept 2: checkpoint-9, checkpoint-12" in out
 
@@ -240,7 +240,7 @@ def test_a_moved_run_keeps_its_best_checkpoint(run: Path, workdir: Path, capsys)
         "save_total_limit=2",
     )
     assert code == 0, err
-    kept = sorted(p.name for p in Path("moved/sft_model").iterdir())
+    kept = entries(Path("moved/sft_model"))
     assert kept == ["checkpoint-15", "checkpoint-18", "checkpoint-6"]
 
 
@@ -595,11 +595,11 @@ def test_ctrl_c_in_chat_does_not_talk_about_training(run: Path, capsys, monkeypa
 
 
 def test_superseded_steps_rename_their_tensorboard_run(run: Path, workdir: Path, capsys) -> None:
-    boards = sorted(p.name for p in (workdir / "outputs/3_training/runs").iterdir())
+    boards = entries(workdir / "outputs/3_training/runs")
     assert len(boards) == 1
     code, out, _ = train(capsys, "--resume", str(OUT / "checkpoint-6"))
     assert code == 0
-    names = sorted(p.name for p in (workdir / "outputs/3_training/runs").iterdir())
+    names = entries(workdir / "outputs/3_training/runs")
     assert f"{boards[0]}.superseded-after-6" in names
 
 

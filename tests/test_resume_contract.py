@@ -13,6 +13,7 @@ from tests.conftest import tiny_settings, write_config
 from tests.runs import (
     adapter,
     assert_same_tensors,
+    entries,
     run_sftrun,
     step_records,
     trainer_state,
@@ -199,13 +200,17 @@ def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(
     assert all(checkpoint.verify(p) is None for p in OUT.glob("superseded-*/*"))
 
 
-def test_nothing_left_to_train_is_a_clear_error(
+def test_a_finished_run_is_success_and_a_shorter_one_an_error(
     tiny_config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tiny_config()
     assert train() == 0
-    assert train("--resume", "latest") == 4
-    assert "ends at step 12; raise num_train_epochs or max_steps" in capsys.readouterr().err
+    capsys.readouterr()
+    assert train("--resume", "latest") == 0
+    assert "run complete at step 12 (checkpoint-12); nothing to train" in capsys.readouterr().out
+    assert train("--resume", "latest", "max_steps=6") == 4
+    err = capsys.readouterr().err
+    assert "the checkpoint is at step 12 but the configured run ends at step 6" in err
 
 
 @pytest.mark.slow
@@ -225,7 +230,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(
     )
     assert stopped.returncode == code, stopped.stderr
     out = tmp_path / OUT
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", f"checkpoint-{final}"]
+    assert entries(out) == ["checkpoint-3", f"checkpoint-{final}"]
     assert (
         f"resume with: python run_model_training.py --resume {OUT}/checkpoint-5 -y"
         in stopped.stdout
@@ -254,7 +259,7 @@ def test_second_sigint_aborts_at_once(tmp_path: Path, tiny_model: Path, sample_d
     assert proc.returncode == 130
     assert "aborted: the last committed checkpoint is intact" in proc.stderr
     out = tmp_path / OUT
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3"]
+    assert entries(out) == ["checkpoint-3"]
     assert checkpoint.verify(out / "checkpoint-3") is None
 
 
@@ -336,7 +341,7 @@ def test_best_checkpoint_is_tracked_and_survives_rotation(tiny_config, monkeypat
     losses = iter([0.5, 0.2, 0.9, 0.7])  # step 6 is the best
     hooks = RunHooks(on_eval=lambda step, value: next(losses))
     assert main(["train", "-y", "--config", "config.yaml"], hooks=hooks) == 0
-    assert sorted(p.name for p in OUT.iterdir()) == ["checkpoint-12", "checkpoint-6"]
+    assert entries(OUT) == ["checkpoint-12", "checkpoint-6"]
     state = trainer_state(OUT / "checkpoint-12")
     assert state["best_metric"] == 0.2 and state["best_step"] == 6
     assert state["best_model_checkpoint"] == str(OUT / "checkpoint-6")

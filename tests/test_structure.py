@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.runs import trainer_state
+from tests.runs import entries, trainer_state
 
 from sftrun import checkpoint
 from sftrun.cli import main
@@ -132,4 +132,4 @@ def test_a_checkpoint_from_before_run_ids_still_resumes(tiny_config, workdir: Pa
     assert state["resumed_from"] == [3] and state["global_step"] == 12
     assert state["run_id"] == checkpoint.run_id_of(out / "checkpoint-12")
     # Rotation (limit 1) removed this run's older checkpoints but never the legacy one.
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-12", "checkpoint-3"]
+    assert entries(out) == ["checkpoint-12", "checkpoint-3"]

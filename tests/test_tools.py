@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import main_in, tiny_settings, write_config
+from tests.runs import entries
 
 from sftrun.cli import main
 
@@ -115,7 +116,7 @@ def test_ckpt_prune_keeps_the_newest_and_damaged(run_dir: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "deleted checkpoints/sft_model/checkpoint-6" in out
     assert "deleted checkpoints/sft_model/checkpoint-9" in out and "freed " in out
-    assert sorted(p.name for p in OUT.iterdir()) == ["checkpoint-12", "checkpoint-3"]
+    assert entries(OUT) == ["checkpoint-12", "checkpoint-3"]
 
 
 def test_data_prepare_writes_stats_and_a_cache_that_train_reuses(run_dir: Path, capsys) -> None:

@@ -677,12 +677,13 @@ def describe_available(output_dir: Path) -> str:
     return f"checkpoints in {output_dir}: {', '.join(names_)}"
 
 
-def resolve(arg: str, output_dir: str | Path) -> tuple[Path, list[CheckpointInfo]]:
+def resolve(arg: str, output_dir: str | Path) -> tuple[Path | None, list[CheckpointInfo]]:
     """Turn ``--resume`` into a verified checkpoint folder.
 
-    ``latest`` means the newest valid checkpoint under ``output_dir``; the second value is the
-    list of newer folders that were skipped because they are not intact. Raises CheckpointError
-    with the list of checkpoints that do exist when the path is missing or invalid.
+    ``latest`` means the newest valid checkpoint under ``output_dir``; ``auto`` the same, or
+    None (a new run) when there is none. The second value is the list of newer folders that
+    were skipped because they are not intact. Raises CheckpointError with the list of
+    checkpoints that do exist when the path is missing or invalid.
     """
     out = Path(output_dir)
     if not arg.strip():
@@ -690,7 +691,7 @@ def resolve(arg: str, output_dir: str | Path) -> tuple[Path, list[CheckpointInfo
             "--resume was given an empty value (an unset shell variable?); pass a checkpoint "
             "folder or 'latest', or leave --resume out to start a new run"
         )
-    if arg == C.RESUME_LATEST:
+    if arg in (C.RESUME_LATEST, C.RESUME_AUTO):
         # Newest first, stopping at the first intact one: older checkpoints need no hashing.
         skipped: list[CheckpointInfo] = []
         for step, path in reversed(_checkpoint_dirs(out)):
@@ -698,6 +699,8 @@ def resolve(arg: str, output_dir: str | Path) -> tuple[Path, list[CheckpointInfo
             if problem is None:
                 return path, list(reversed(skipped))
             skipped.append(CheckpointInfo(path, step, problem))
+        if arg == C.RESUME_AUTO:
+            return None, list(reversed(skipped))
         raise CheckpointError(
             f"--resume latest: no complete checkpoint in {out} "
             f"({describe_available(out)}); start a new run without --resume"

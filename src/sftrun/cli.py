@@ -63,6 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = run_training(cfg, opts, log_started=(stamp, log_file))
         if result.cancelled:
             line, code = "cancelled: nothing was trained", 1
+        elif result.complete:
+            name = result.last_checkpoint.name if result.last_checkpoint else "?"
+            line, code = f"run complete at step {result.global_step} ({name}); nothing to train", 0
         elif result.stopped_by:
             line = f"stopped by {result.stopped_by} at step {result.global_step}"
             code = 128 + int(signal.Signals[result.stopped_by])
@@ -210,7 +213,16 @@ def cmd_ckpt_prune(args: argparse.Namespace) -> int:
             f"--keep {args.keep}: prune always keeps the newest valid checkpoint; pass --keep 1 "
             "or more (delete the whole folder yourself to remove a run)"
         )
-    result = prune(_output_dir(args), args.keep, args.keep_best)
+    from sftrun import checkpoint, runlock
+
+    folder = Path(_output_dir(args))
+    # Only a folder that holds checkpoints is locked (nothing is created anywhere else).
+    lock = runlock.acquire(folder) if checkpoint.names(folder) else None
+    try:
+        result = prune(folder, args.keep, args.keep_best)
+    finally:
+        if lock is not None:
+            lock.release()
     for path, size in result.removed:
         print(f"deleted {path} ({fmt_bytes(size)})")
     total = sum(size for _, size in result.removed)
@@ -299,8 +311,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",
         metavar="DIR",
-        help=f"resume from a checkpoint folder, or '{C.RESUME_LATEST}' for the newest valid one "
-        "in output_dir (default: start a new run)",
+        help=f"resume from a checkpoint folder; '{C.RESUME_LATEST}' for the newest valid one in "
+        f"output_dir; '{C.RESUME_AUTO}' for the same, or a new run when there is none (for "
+        "retry loops and schedulers) (default: start a new run)",
     )
     p.add_argument("--no-unsloth", action="store_true", help="use plain transformers, not Unsloth")
     p.add_argument(

@@ -30,6 +30,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9]\d*)$")
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
 TMP_CHECKPOINT_RE = re.compile(r"^\.tmp-checkpoint-\d+-\d+$")
 SUPERSEDED_PREFIX = "superseded-"
+LOCK_FILE = ".sftrun.lock"
+LOCK_INFO_FILE = ".sftrun.lock.json"
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -61,6 +63,7 @@ REQUIRED_CHECKPOINT_FILES = (
 )
 
 RESUME_LATEST = "latest"
+RESUME_AUTO = "auto"  # the newest valid checkpoint, or a new run when there is none
 
 # --- merged-model export (stage 5) ----------------------------------------------------------
 EXPORT_DIR = "outputs/5_export"

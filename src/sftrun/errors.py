@@ -44,6 +44,12 @@ class DiskSpaceError(SftrunError):
     exit_code = 6
 
 
+class FolderInUseError(SftrunError):
+    """Another process holds the output folder's lock."""
+
+    exit_code = 8
+
+
 class DivergenceError(SftrunError):
     """Training produced NaN or infinity; the run stopped without committing it."""
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sftrun import checkpoint, distributed
+from sftrun import constants as C
 from sftrun.config import TrainingConfig
 from sftrun.data import (
     Conversation,
@@ -82,6 +83,7 @@ class RunPlan:
     overrides: list[tuple[str, Any, Any]] = field(default_factory=list)
     kept: list[tuple[str, Any, Any]] = field(default_factory=list)
     lr_plan: SchedulePlan | None = None
+    complete: bool = False  # the checkpoint is the run's last step: nothing to train
     notes: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
 
@@ -159,6 +161,7 @@ def make_plan(
     ckpt_path, skipped = distributed.decided_by_main(
         lambda: _checkpoint_to_resume(out, resume, refusals)
     )
+    started_fresh = resume == C.RESUME_AUTO and ckpt_path is None
     payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
@@ -204,9 +207,31 @@ def make_plan(
         skipped=skipped,
         refusals=refusals if refusals is not None else [],
     )
+    if started_fresh:
+        plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
     if payload is not None:
         _plan_resume(plan, payload, allow_data_change, refusals)
     return plan
+
+
+def recheck_folder(plan: RunPlan) -> None:
+    """Under the folder's lock: the folder is still as planned (no run committed between
+    planning and locking). Raises CheckpointError otherwise."""
+    owner = plan.payload.run_id if plan.payload is not None else None
+    check_folder_owner(
+        plan.out,
+        checkpoint.owners(plan.out),
+        checkpoint.superseded_folders(plan.out) if plan.ckpt_path is None else [],
+        plan.ckpt_path,
+        owner,
+    )
+    if plan.ckpt_path is not None:
+        newer = checkpoint.newer_than(plan.out, plan.state.global_step)
+        if [p.name for p in newer] != [p.name for p in plan.newer]:
+            raise CheckpointError(
+                f"{plan.out} changed while this run was starting (another process wrote "
+                f"{', '.join(p.name for p in newer)}); start it again"
+            )
 
 
 def _checkpoint_to_resume(
@@ -283,6 +308,9 @@ def _plan_resume(
         if len(known) == 1:
             plan.state.run_id = known[0]
     old = Schedule.from_dict(payload.scheduler_state["schedule"])
+    if step == plan.planned:
+        plan.complete = True  # the same length as the checkpoint's run: it is finished
+        return
     try:
         plan.lr_plan = plan_schedule(old, step, cfg.learning_rate, plan.planned)
         plan.schedule = plan.lr_plan.schedule

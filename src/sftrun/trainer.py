@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint, distributed, rng
+from sftrun import checkpoint, distributed, rng, runlock
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import collate
@@ -49,7 +49,7 @@ from sftrun.monitor import (
     setup_logging,
     timestamp,
 )
-from sftrun.plan import RunPlan, make_plan
+from sftrun.plan import RunPlan, make_plan, recheck_folder
 from sftrun.sampler import step_indices
 
 log = logging.getLogger("sftrun")
@@ -90,6 +90,7 @@ class RunResult:
     accuracy_after: float | None = None
     stopped_by: str | None = None  # signal name when a signal ended the run early
     cancelled: bool = False
+    complete: bool = False  # the run had already reached its last step: nothing was done
     seconds: float = 0.0
     tokens_per_second: float = 0.0
 
@@ -164,6 +165,8 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         no_unsloth=opts.no_unsloth,
         allow_data_change=opts.allow_data_change,
     )
+    if plan.complete:  # the caller says so (the CLI prints and logs one line)
+        return RunResult(plan.planned, plan.planned, plan.ckpt_path, log_file, None, complete=True)
     accelerator = _make_accelerator(plan.dtype)
     model = _build_model(plan, opts.hooks)  # base model + LoRA; refuses without disk space
     summary = run_summary(
@@ -178,8 +181,34 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     if not opts.yes and not distributed.decided_by_main(lambda: _confirm(summary)):
         log.info("cancelled; nothing was changed")
         return RunResult(plan.state.global_step, plan.planned, None, log_file, None, cancelled=True)
+    # Everything so far only read; from here on this process owns the output folder.
+    held: list[runlock.RunLock] = []
+    try:
+        distributed.decided_by_main(lambda: _lock_folder(plan, held))
+        return _train_run(plan, opts, accelerator, model, (stamp, summary, log_file, started))
+    finally:
+        for lock in held:
+            lock.release()
 
-    _tidy_output_folder(plan, accelerator)  # only after confirmation
+
+def _lock_folder(plan: RunPlan, held: list[runlock.RunLock]) -> None:
+    """Take the output folder's lock, then check that it is still as planned."""
+    lock = runlock.acquire(plan.out)
+    held.append(lock)
+    if lock.note:
+        log.warning("%s", lock.note)
+    recheck_folder(plan)
+
+
+def _train_run(
+    plan: RunPlan,
+    opts: RunOptions,
+    accelerator: Any,
+    model: _Model,
+    started: tuple[str, str, Path, float],  # timestamp, summary, log file, start time
+) -> RunResult:
+    stamp, summary, log_file, t0 = started
+    _tidy_output_folder(plan, accelerator)
     optimizer = _optimizer(plan, model.peft_model)  # restored when resuming
     make_loss = opts.hooks.make_loss or LabelOnlyLoss
     loss_module, optimizer = accelerator.prepare(make_loss(model.peft_model), optimizer)
@@ -191,7 +220,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
     stopper = StopRequest()
     with stopper.installed():
         _train_loop(ctx, stopper)
-    return _finish(ctx, stopper, log_file, started)
+    return _finish(ctx, stopper, log_file, t0)
 
 
 def _set_rng(plan: RunPlan, accelerator: Any) -> None:
