@@ -40,11 +40,12 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # Side by side with TRL's SFTTrainer (TRL is a bench-only dependency); ~15 min on 2 cores.
-# Then one process against two (torchrun), the same global batch; ~3 min.
+# Then one process against two (torchrun), the same global batch, and the cost of mirror_to.
 bench: install model
 	$(PIP) install --quiet -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(PY) bench/vs_trl.py --json bench/results.json
 	HF_HUB_OFFLINE=1 $(PY) bench/processes.py
+	HF_HUB_OFFLINE=1 $(PY) bench/mirror.py
 
 clean:
 	rm -rf checkpoints outputs

@@ -138,6 +138,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _output_dir(args: argparse.Namespace) -> str:
+    if args.dir and "://" in str(args.dir):
+        return str(args.dir)  # a mirror (list and verify read it; nothing writes there)
     if args.dir:
         if not os.path.isdir(args.dir):
             hint = (
@@ -159,6 +161,11 @@ def cmd_ckpt_list(args: argparse.Namespace) -> int:
     from sftrun.inventory import list_rows, render_table, rows_as_dicts
 
     out = _output_dir(args)
+    if "://" in out:
+        from sftrun.inventory import render_remote
+
+        print(render_remote(out))
+        return 0
     rows = list_rows(out)
     if args.json:
         print(json.dumps(rows_as_dicts(rows), indent=2))
@@ -187,15 +194,23 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
 def cmd_ckpt_verify(args: argparse.Namespace) -> int:
     from sftrun import checkpoint
 
+    paths: list[Path | str]  # a str is a copy on a mirror
     if args.all or not args.checkpoints:
         paths = [i.path for i in checkpoint.scan(_output_dir(args))]
     else:
-        paths = [Path(p) for p in args.checkpoints]
+        paths = [Path(p) if "://" not in p else p for p in args.checkpoints]
     if not paths:
         print("no checkpoints to verify", file=sys.stderr)
         return 1
     failed = 0
     for path in paths:
+        if isinstance(path, str):  # a copy on a mirror: downloaded to a temporary folder
+            from sftrun.mirror import verify_remote
+
+            problem = verify_remote(path)
+            failed += problem is not None
+            print(f"OK      {path}" if problem is None else f"FAILED  {problem}")
+            continue
         problem = checkpoint.verify(path)
         failed += problem is not None
         print(f"OK      {path}" if problem is None else f"FAILED  {problem}")

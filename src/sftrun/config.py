@@ -96,6 +96,10 @@ class TrainingConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute precision: auto = fp32 on CPU, bf16 autocast on CUDA."
     )
+    mirror_to: str | None = Field(
+        None,
+        description="Also copy every checkpoint here (a path or URL such as s3://bucket/run).",
+    )
     ddp_timeout: int = Field(
         600, gt=0, description="Seconds a multi-process launch waits for every process."
     )

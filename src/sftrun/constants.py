@@ -29,6 +29,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(0|[1-9]\d*)$")
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
 TMP_CHECKPOINT_RE = re.compile(r"^\.tmp-checkpoint-\d+-\d+$")
+TMP_DOWNLOAD_PREFIX = ".tmp-download-"
 SUPERSEDED_PREFIX = "superseded-"
 LOCK_FILE = ".sftrun.lock"
 LOCK_INFO_FILE = ".sftrun.lock.json"

@@ -231,3 +231,23 @@ def render_preview(plan: RunPlan, config_path: str) -> str:
             f"{plan.lr_plan.lr_after:.3g}; decay ends at step {plan.schedule.total_steps}"
         )
     return "\n".join(lines)
+
+
+def render_remote(url: str) -> str:
+    """``ckpt list <url>``: the checkpoints on a mirror, from their manifests (not hashed)."""
+    from sftrun.mirror import Remote
+
+    remote = Remote(url)
+    lines = []
+    for name in remote.names():
+        manifest = remote.manifest(name)
+        if manifest is None:
+            lines.append(f"{name:<16} incomplete: no manifest (an upload that did not finish)")
+            continue
+        size = sum(int(e.get("size", 0)) for e in manifest.get("files", {}).values())
+        lines.append(
+            f"{name:<16} step {manifest.get('step')}  {fmt_bytes(size):>9}  "
+            f"written {str(manifest.get('created', '-'))[:19].replace('T', ' ')}  complete "
+            f"(run {str(manifest.get('run_id'))[:8]})"
+        )
+    return "\n".join(lines) if lines else f"no checkpoints in {url}"

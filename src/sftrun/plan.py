@@ -11,6 +11,7 @@ strictly (the first refusal is raised); a preview collects every refusal instead
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint, distributed
+from sftrun import checkpoint, distributed, mirror
 from sftrun import constants as C
 from sftrun.config import TrainingConfig
 from sftrun.data import (
@@ -56,6 +57,8 @@ from sftrun.resume import (
 from sftrun.sampler import total_steps
 from sftrun.schedule import Schedule, build_schedule
 from sftrun.state import TrainState
+
+log = logging.getLogger("sftrun")
 
 
 @dataclass(kw_only=True)
@@ -159,7 +162,7 @@ def make_plan(
     # Rank 0 alone looks for the checkpoint (and the folder's owner); every rank then loads
     # the verified bytes of the folder it chose.
     ckpt_path, skipped = distributed.decided_by_main(
-        lambda: _checkpoint_to_resume(out, resume, refusals)
+        lambda: _checkpoint_to_resume(out, resume, refusals, cfg.mirror_to)
     )
     started_fresh = resume == C.RESUME_AUTO and ckpt_path is None
     payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
@@ -235,21 +238,26 @@ def recheck_folder(plan: RunPlan) -> None:
 
 
 def _checkpoint_to_resume(
-    out: Path, resume: str | None, refusals: list[str] | None
+    out: Path, resume: str | None, refusals: list[str] | None, mirror_to: str | None
 ) -> tuple[Path | None, list[checkpoint.CheckpointInfo]]:
-    """The verified checkpoint (with the newer folders skipped), after the ownership check."""
+    """The verified checkpoint (with the newer folders skipped), after the ownership check.
+
+    A URL is downloaded into ``out`` first; ``latest``/``auto`` fall back to the mirror when
+    ``out`` holds no valid checkpoint (a new machine, a lost disk)."""
     ckpt_path: Path | None = None
     skipped: list[checkpoint.CheckpointInfo] = []
-    if resume is not None:
-        ckpt_path, skipped = checkpoint.resolve(resume, out)
+    if resume is not None and mirror.is_url(resume):
+        ckpt_path = mirror.fetch(resume, out)
+        log.warning("downloaded %s to %s", resume, ckpt_path)
+    elif resume is not None:
+        ckpt_path, skipped = _resolve_or_mirror(resume, out, mirror_to)
+    run_id = checkpoint.run_id_of(ckpt_path) if ckpt_path is not None else None
     try:
-        check_folder_owner(
-            out,
-            checkpoint.owners(out),
-            checkpoint.superseded_folders(out),
-            ckpt_path,
-            checkpoint.run_id_of(ckpt_path) if ckpt_path is not None else None,
-        )
+        owners = checkpoint.owners(out)
+        check_folder_owner(out, owners, checkpoint.superseded_folders(out), ckpt_path, run_id)
+        if mirror_to:  # the mirror is the run's too: the same rule
+            remote = mirror.readable_owners(mirror_to)
+            check_folder_owner(mirror_to, remote, [], ckpt_path, run_id, key="mirror_to")
     except CheckpointError as exc:
         _refuse(refusals, exc)
     return ckpt_path, skipped
@@ -268,6 +276,22 @@ def _with_factors(
     )
     new = f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x {world}"
     return key, f"{was} ({old})", f"{now} ({new})"
+
+
+def _resolve_or_mirror(
+    resume: str, out: Path, mirror_to: str | None
+) -> tuple[Path | None, list[checkpoint.CheckpointInfo]]:
+    local_valid = any(info.valid for info in checkpoint.scan(out))
+    if resume in (C.RESUME_LATEST, C.RESUME_AUTO) and mirror_to and not local_valid:
+        fetched, passed_over = mirror.fetch_newest(mirror_to, out)
+        for line in passed_over:
+            log.warning("skipped on the mirror: %s", line)
+        if fetched is not None:
+            log.warning(
+                "no valid checkpoint in %s: resumed from the mirror's %s", out, fetched.name
+            )
+            return checkpoint.resolve(str(fetched), out)
+    return checkpoint.resolve(resume, out)
 
 
 def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:

@@ -67,6 +67,7 @@ TUNABLE = {
     "per_device_eval_batch_size": "new value for evaluation",
     "backend": "new value (same weights either way)",
     "ddp_timeout": "new value for this launch",
+    "mirror_to": "checkpoints from the resume step on are copied there",
 }
 
 # Settings that keep the checkpoint's value whatever the config now says.
@@ -273,11 +274,12 @@ def _listing(paths: list[Path], limit: int = 4) -> str:
 
 
 def check_folder_owner(
-    out: Path,
+    out: Path | str,
     owners: dict[str | None, list[Path]],
     superseded: list[Path],
     resume: Path | None,
     resume_run: str | None,
+    key: str = "output_dir",
 ) -> None:
     """Refuse a run that would write into a folder owned by another run.
 
@@ -294,15 +296,15 @@ def check_folder_owner(
         ids = sorted(_short_run(r) for r in owners if r is not None)
         of_run = f" of run {', '.join(ids)}" if ids else ""
         raise CheckpointError(
-            f"output_dir {out} already holds checkpoints{of_run} ({what}); continue that run "
+            f"{key} {out} already holds checkpoints{of_run} ({what}); continue that run "
             f"with --resume latest, or start a new run in another folder, e.g. "
-            f"output_dir={out}-2 (sftrun never writes a new run over an old one)"
+            f"{key}={out}-2 (sftrun never writes a new run over an old one)"
         )
     foreign = {r: paths for r, paths in owners.items() if r is not None and r != resume_run}
     if foreign:
         other, paths = next(iter(sorted(foreign.items())))
         raise CheckpointError(
-            f"{resume} belongs to run {_short_run(resume_run)}, but output_dir {out} holds "
+            f"{resume} belongs to run {_short_run(resume_run)}, but {key} {out} holds "
             f"checkpoints of run {_short_run(other)} ({_listing(paths)}); resume with "
-            f"output_dir={resume.parent}, or give this run an empty output_dir"
+            f"{key}={resume.parent}, or give this run an empty {key}"
         )

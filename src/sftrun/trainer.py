@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint, distributed, rng, runlock
+from sftrun import checkpoint, distributed, mirror, rng, runlock
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import collate
@@ -214,13 +214,28 @@ def _train_run(
     loss_module, optimizer = accelerator.prepare(make_loss(model.peft_model), optimizer)
     board = _open_board(plan, accelerator, stamp, summary)
     ctx = _Loop(plan, opts, accelerator, loss_module, optimizer, model.peft_model, board)
-    if plan.payload is None:
-        plan.state.accuracy_before = _report_accuracy(ctx, "before")
-    _set_rng(plan, accelerator)  # last: the first step starts from a defined state
-    stopper = StopRequest()
-    with stopper.installed():
-        _train_loop(ctx, stopper)
+    if plan.cfg.mirror_to and accelerator.is_main_process:
+        ctx.uploader = mirror.Uploader(mirror.Remote(plan.cfg.mirror_to), plan.state.run_id)
+    try:
+        if plan.payload is None:
+            plan.state.accuracy_before = _report_accuracy(ctx, "before")
+        _set_rng(plan, accelerator)  # last: the first step starts from a defined state
+        stopper = StopRequest()
+        with stopper.installed():
+            _train_loop(ctx, stopper)
+    except KeyboardInterrupt:
+        raise  # a second Ctrl-C: abort at once, without waiting for uploads
+    except BaseException:
+        _finish_uploads(ctx)  # what was committed reaches the mirror even when a step failed
+        raise
+    _finish_uploads(ctx)
     return _finish(ctx, stopper, log_file, t0)
+
+
+def _finish_uploads(ctx: _Loop) -> None:
+    if ctx.uploader is not None:
+        log.info("%s", ctx.uploader.finish())
+        ctx.uploader = None
 
 
 def _set_rng(plan: RunPlan, accelerator: Any) -> None:
@@ -410,6 +425,7 @@ class _Loop:
     train_seconds: float = 0.0
     train_tokens: int = 0
     saved_here: Path | None = None  # the last checkpoint this process committed
+    uploader: mirror.Uploader | None = None  # process 0 with mirror_to set
 
     @property
     def cfg(self) -> TrainingConfig:
@@ -738,6 +754,8 @@ def _save(ctx: _Loop) -> Path:
         removed = checkpoint.rotate(
             ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect, state.run_id
         )
+        if ctx.uploader is not None:  # in the background: the next step does not wait
+            ctx.uploader.submit(path, checkpoint.names(ctx.cfg.output_dir))
         log.info(
             "saved %s (%s, %.2f s)%s",
             path,
