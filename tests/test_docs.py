@@ -32,7 +32,7 @@ def _all_flags(parser: argparse.ArgumentParser) -> set[str]:
 def test_every_flag_in_the_readme_exists() -> None:
     text = (REPO / "README.md").read_text()
     known = _all_flags(build_parser()) | {"--logdir", "--port", "--host", "--no-deps"}
-    known |= {"--standalone", "--nproc_per_node"}  # torchrun's
+    known |= {"--standalone", "--nproc_per_node", "--multi_gpu"}  # the launchers'
     mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z_-]*)", text))
     assert mentioned - known == set()
 
