@@ -21,9 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "model/models"
-TRAIN = REPO / "data/sample/train.jsonl"
+from common import MODEL, write_examples
 
 
 def child(steps: int, save_every: int, mirrored: bool) -> None:
@@ -33,8 +31,7 @@ def child(steps: int, save_every: int, mirrored: bool) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sftrun-bench-mirror-"))
     os.chdir(work)
-    data = work / "train.jsonl"
-    data.write_text("\n".join(TRAIN.read_text().splitlines()[:160]) + "\n")
+    data = write_examples(work / "train.jsonl", 160)
     overrides = [
         f"model_name_or_path={MODEL}",
         f"train_file={data}",

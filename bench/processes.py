@@ -27,10 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "model/models"
-TRAIN = REPO / "data/sample/train.jsonl"
-GLOBAL_BATCH, ACCUM, MAX_LEN, LR, SEED = 8, 2, 256, 2e-4, 42
+from common import ACCUM, MODEL, sftrun_overrides, write_examples
+
+GLOBAL_BATCH = 8  # 1 process: 4 x 2; 2 processes: 2 x 2 each
 
 
 def child(steps: int, examples: int, out: Path) -> None:
@@ -44,27 +43,11 @@ def child(steps: int, examples: int, out: Path) -> None:
     work = out.parent
     data = work / "train.jsonl"
     if rank == 0:
-        data.write_text("\n".join(TRAIN.read_text().splitlines()[:examples]) + "\n")
+        write_examples(data, examples)
     while not data.exists():
         time.sleep(0.05)
     os.chdir(work)
-    cfg = load_config(
-        None,
-        [
-            f"model_name_or_path={MODEL}",
-            f"train_file={data}",
-            "eval_file=null",
-            f"max_seq_length={MAX_LEN}",
-            f"max_steps={steps + 1}",
-            f"learning_rate={LR}",
-            f"per_device_train_batch_size={GLOBAL_BATCH // ACCUM // world}",
-            f"gradient_accumulation_steps={ACCUM}",
-            "logging_steps=1",
-            "save_steps=100000",
-            "eval_accuracy=none",
-            f"seed={SEED}",
-        ],
-    )
+    cfg = load_config(None, sftrun_overrides(data, steps + 1, GLOBAL_BATCH // ACCUM // world))
     starts: dict[int, float] = {}
     tokens: dict[int, int] = defaultdict(int)
     current = {"step": 0}

@@ -35,11 +35,20 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "model/models"
-TRAIN = REPO / "data/sample/train.jsonl"
+from common import (
+    ACCUM,
+    LR,
+    MAX_LEN,
+    MICRO,
+    MODEL,
+    REPO,
+    SEED,
+    TRAIN,
+    sftrun_overrides,
+    write_examples,
+)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MICRO, ACCUM, MAX_LEN, LR, SEED = 4, 2, 256, 2e-4, 42
 CONFIGS = [
     "trl-plain",
     "trl-packing",
@@ -153,29 +162,8 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
     from sftrun.trainer import RunOptions, run_training
 
     os.chdir(work)
-    data = work / "train.jsonl"
-    data.write_text("\n".join(TRAIN.read_text().splitlines()[:examples]) + "\n")
-    cfg = load_config(
-        None,
-        [
-            f"model_name_or_path={MODEL}",
-            f"train_file={data}",
-            "eval_file=null",
-            f"max_seq_length={MAX_LEN}",
-            f"max_steps={steps + 2}",
-            f"learning_rate={LR}",
-            "lr_scheduler_type=cosine",
-            f"per_device_train_batch_size={MICRO}",
-            f"gradient_accumulation_steps={ACCUM}",
-            "logging_steps=1",
-            "save_steps=100000",
-            "eval_accuracy=none",
-            f"seed={SEED}",
-            "lora.r=16",
-            "lora.alpha=32",
-            "lora.dropout=0.05",
-        ],
-    )
+    data = write_examples(work / "train.jsonl", examples)
+    cfg = load_config(None, sftrun_overrides(data, steps + 2))
     starts: dict[int, float] = {}
     tokens: dict[int, int] = defaultdict(int)
     current = {"step": 0}
@@ -287,7 +275,7 @@ def resume_startup(examples: int, late: int) -> dict[str, float]:
     """Seconds from process start to the first resumed step, from step 2 and from ``late``."""
     work = Path(tempfile.mkdtemp(prefix="sftrun-bench-resume-"))
     data = work / "train.jsonl"
-    data.write_text("\n".join(TRAIN.read_text().splitlines()[:examples]) + "\n")
+    write_examples(data, examples)
     common = [
         f"model_name_or_path={MODEL}",
         f"train_file={data}",

@@ -1,0 +1,39 @@
+"""What the benchmark scripts share: the bundled model, the sample data, and the one sftrun
+configuration they all time (bench/vs_trl.py's settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "model/models"
+TRAIN = REPO / "data/sample/train.jsonl"
+MICRO, ACCUM, MAX_LEN, LR, SEED = 4, 2, 256, 2e-4, 42
+
+
+def write_examples(target: Path, examples: int) -> Path:
+    """The first ``examples`` records of the sample task, as a JSONL file."""
+    target.write_text("\n".join(TRAIN.read_text().splitlines()[:examples]) + "\n")
+    return target
+
+
+def sftrun_overrides(data: Path, max_steps: int, micro: int = MICRO) -> list[str]:
+    """KEY=VALUE settings of the timed sftrun run: no eval, no saves, one log line a step."""
+    return [
+        f"model_name_or_path={MODEL}",
+        f"train_file={data}",
+        "eval_file=null",
+        f"max_seq_length={MAX_LEN}",
+        f"max_steps={max_steps}",
+        f"learning_rate={LR}",
+        "lr_scheduler_type=cosine",
+        f"per_device_train_batch_size={micro}",
+        f"gradient_accumulation_steps={ACCUM}",
+        "logging_steps=1",
+        "save_steps=100000",
+        "eval_accuracy=none",
+        f"seed={SEED}",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.dropout=0.05",
+    ]
