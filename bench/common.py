@@ -4,6 +4,7 @@ configuration they all time (bench/vs_trl.py's settings)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "model/models"
@@ -37,3 +38,22 @@ def sftrun_overrides(data: Path, max_steps: int, micro: int = MICRO) -> list[str
         "lora.alpha=32",
         "lora.dropout=0.05",
     ]
+
+
+class StepClock:
+    """Start time and trained (non-padding) tokens of every optimizer step, through hooks."""
+
+    def __init__(self) -> None:
+        self.starts: dict[int, float] = {}
+        self.tokens: dict[int, int] = {}
+        self._step = 0
+
+    def on_step_start(self, step: int) -> None:
+        import time
+
+        self._step = step
+        self.starts[step] = time.perf_counter()
+
+    def on_batch(self, batch: dict[str, Any]) -> None:
+        count = int(batch["attention_mask"].sum())
+        self.tokens[self._step] = self.tokens.get(self._step, 0) + count

@@ -25,9 +25,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
-from common import ACCUM, MODEL, sftrun_overrides, write_examples
+from common import ACCUM, MODEL, StepClock, sftrun_overrides, write_examples
 
 GLOBAL_BATCH = 8  # 1 process: 4 x 2; 2 processes: 2 x 2 each
 
@@ -48,24 +47,16 @@ def child(steps: int, examples: int, out: Path) -> None:
         time.sleep(0.05)
     os.chdir(work)
     cfg = load_config(None, sftrun_overrides(data, steps + 1, GLOBAL_BATCH // ACCUM // world))
-    starts: dict[int, float] = {}
-    tokens: dict[int, int] = defaultdict(int)
-    current = {"step": 0}
+    clock = StepClock()
+    starts, tokens = clock.starts, clock.tokens
 
-    def step_start(step: int) -> None:
-        current["step"] = step
-        starts[step] = time.perf_counter()
-
-    def count(batch: dict[str, Any]) -> None:
-        tokens[current["step"]] += int(batch["attention_mask"].sum())
-
-    hooks = RunHooks(on_step_start=step_start, on_batch=count)
+    hooks = RunHooks(on_step_start=clock.on_step_start, on_batch=clock.on_batch)
     run_training(cfg, RunOptions(yes=True, console=False, hooks=hooks))
     starts[steps + 1] = time.perf_counter()
     timed = range(1, steps + 1)  # step 0 is warm-up
     result = {
         "seconds": starts[steps + 1] - starts[1],
-        "tokens": sum(tokens[s] for s in timed),
+        "tokens": sum(tokens.get(s, 0) for s in timed),
     }
     (out.parent / f"{out.name}.rank{rank}").write_text(json.dumps(result))
 

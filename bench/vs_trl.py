@@ -44,6 +44,7 @@ from common import (
     REPO,
     SEED,
     TRAIN,
+    StepClock,
     sftrun_overrides,
     write_examples,
 )
@@ -164,16 +165,8 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
     os.chdir(work)
     data = write_examples(work / "train.jsonl", examples)
     cfg = load_config(None, sftrun_overrides(data, steps + 2))
-    starts: dict[int, float] = {}
-    tokens: dict[int, int] = defaultdict(int)
-    current = {"step": 0}
-
-    def step_start(step: int) -> None:
-        current["step"] = step
-        starts[step] = time.perf_counter()
-
-    def count(batch: dict[str, torch.Tensor]) -> None:
-        tokens[current["step"]] += int(batch["attention_mask"].sum())
+    clock = StepClock()
+    starts, tokens = clock.starts, clock.tokens
 
     class FullHead(LabelOnlyLoss):
         """Ablation: the LM head over every position, as a stock causal-LM forward does."""
@@ -190,8 +183,8 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
             return loss, (targets != IGNORE_INDEX).sum()
 
     hooks = RunHooks(
-        on_step_start=step_start,
-        on_batch=count,
+        on_step_start=clock.on_step_start,
+        on_batch=clock.on_batch,
         make_loss=FullHead if kind == "sftrun-fullhead" else None,
         # Ablation: PEFT's own LoRA forward and nn.Dropout (one Bernoulli draw per element).
         fast_lora=kind != "sftrun-pefttorch",
