@@ -354,3 +354,13 @@ def test_saving_an_existing_step_moves_the_old_one_aside(tmp_path: Path) -> None
     aside = list(tmp_path.glob("superseded-*/checkpoint-7"))
     assert len(aside) == 1 and checkpoint.verify(aside[0]) is None
     assert checkpoint.load(first)[0].adapter_state["w"][0] == 8.0
+
+
+def test_resume_latest_opens_no_checkpoint_older_than_the_one_it_takes(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened = _count_hashing(monkeypatch)
+    assert (
+        main(["train", "-y", "--config", "config.yaml", "--resume", "latest", "max_steps=13"]) == 0
+    )
+    assert {o.split("/")[0] for o in opened} <= {"checkpoint-12", "checkpoint-13"}

@@ -651,3 +651,24 @@ def test_a_dangling_output_dir_link_is_found_before_training(
     code, _, err = train(capsys)
     assert code == 2 and "output_dir ckpts is a symbolic link to a missing folder" in err
     one_line_error(err)
+
+
+def test_a_save_never_removes_a_temporary_folder_it_did_not_make(tmp_path: Path) -> None:
+    import torch
+
+    planted = tmp_path / f".tmp-checkpoint-5-{os.getpid()}"  # the name this save would use
+    planted.mkdir()
+    (planted / "notes.txt").write_text("mine")
+    payload = checkpoint.CheckpointPayload(
+        adapter_state={"w": torch.ones(2)},
+        adapter_config={},
+        optimizer_state={},
+        scheduler_state={},
+        trainer_state={"global_step": 5},
+        training_args={},
+        rng_state={},
+        identity={},
+    )
+    with pytest.raises(checkpoint.CheckpointError, match="could not write checkpoint-5"):
+        checkpoint.save(tmp_path, 5, payload)
+    assert (planted / "notes.txt").read_text() == "mine"

@@ -217,10 +217,12 @@ def save(
     out.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(out, step)
     tmp = out / f"{C.TMP_CHECKPOINT_PREFIX}{step}-{os.getpid()}"
+    made = False  # whether this call created ``tmp`` (only then may it remove it)
     try:
         if tmp.exists() or tmp.is_symlink():
             remove_temp_folders(out, only=[tmp])
         tmp.mkdir()
+        made = True
         # One writer thread writes, fsyncs and hashes each file (all three release the GIL)
         # while this thread serialises the next; files are still written one at a time, in
         # order, and the first failure is the one raised.
@@ -250,8 +252,8 @@ def save(
         _fsync_dir(out)
         _remember_intact(final)
     except OSError as exc:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)  # made by this call, just above
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise DiskSpaceError(
                 f"disk full while writing checkpoint-{step} in {out}; the partial folder was "

@@ -281,17 +281,21 @@ def _with_factors(
 def _resolve_or_mirror(
     resume: str, out: Path, mirror_to: str | None
 ) -> tuple[Path | None, list[checkpoint.CheckpointInfo]]:
-    local_valid = any(info.valid for info in checkpoint.scan(out))
-    if resume in (C.RESUME_LATEST, C.RESUME_AUTO) and mirror_to and not local_valid:
-        fetched, passed_over = mirror.fetch_newest(mirror_to, out)
-        for line in passed_over:
-            log.warning("skipped on the mirror: %s", line)
-        if fetched is not None:
-            log.warning(
-                "no valid checkpoint in %s: resumed from the mirror's %s", out, fetched.name
-            )
-            return checkpoint.resolve(str(fetched), out)
-    return checkpoint.resolve(resume, out)
+    """``checkpoint.resolve``; with a mirror, 'latest'/'auto' that find no valid local
+    checkpoint download the mirror's newest instead (verified by the download)."""
+    if not mirror_to or resume not in (C.RESUME_LATEST, C.RESUME_AUTO):
+        return checkpoint.resolve(resume, out)
+    # Newest first, stopping at the first intact one, as a plain 'latest' does.
+    local, skipped = checkpoint.resolve(C.RESUME_AUTO, out)
+    if local is not None:
+        return local, skipped
+    fetched, passed_over = mirror.fetch_newest(mirror_to, out)
+    for line in passed_over:
+        log.warning("skipped on the mirror: %s", line)
+    if fetched is None:
+        return checkpoint.resolve(resume, out)  # 'latest': its usual error; 'auto': a new run
+    log.warning("no valid checkpoint in %s: resumed from the mirror's %s", out, fetched.name)
+    return fetched, skipped
 
 
 def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:
