@@ -216,6 +216,61 @@ def test_a_process_killed_during_a_save_never_leaves_an_invalid_checkpoint(
 
 
 @pytest.mark.slow
+def test_fsdp_killed_and_resumed_under_either_setting_matches_the_ddp_run_bit_for_bit(
+    two_process_run: Path, tmp_path: Path, tiny_model: Path, sample_dir: Path
+) -> None:
+    """FSDP shards the frozen layers and leaves the adapter whole, averaging its gradients
+    as DDP does (sum, then / 2, exact in binary): the same bits as the DDP run, through a
+    kill under FSDP, a resume under DDP, a kill and a resume under FSDP. Evaluation and
+    generation run on the sharded model in between (they must not desynchronise the ranks,
+    and they draw no training randomness)."""
+    settings = tiny_settings(
+        tiny_model, sample_dir, eval_steps=2, eval_accuracy="exact", eval_max_new_tokens=4
+    )
+    write_config(tmp_path / "config.yaml", settings)
+    fsdp = [*TWO, "parallel=fsdp"]
+    first = _torchrun(tmp_path, fsdp, env={"SFTRUN_TEST_KILL_AFTER_STEP": "3"})
+    assert first.returncode != 0
+    assert "(fsdp: the frozen base sharded over them)" in first.stdout
+    assert "FSDP: 2 decoder layers sharded over 2 processes" in first.stdout
+    assert "held-out accuracy before training" in first.stdout
+    second = _torchrun(
+        tmp_path,
+        [*TWO, "parallel=ddp", "--resume", "latest"],
+        env={"SFTRUN_TEST_KILL_AFTER_STEP": "9"},
+    )
+    assert second.returncode != 0 and "override parallel: 'fsdp' -> 'ddp'" in second.stdout, (
+        second.stdout
+    )
+    third = _torchrun(tmp_path, [*fsdp, "--resume", "latest"])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "held-out accuracy after training" in third.stdout
+    assert trainer_state(tmp_path / OUT / "checkpoint-12")["resumed_from"] == [3, 9]
+    ref, got = two_process_run / OUT / "checkpoint-12", tmp_path / OUT / "checkpoint-12"
+    assert_same_tensors(adapter(ref), adapter(got))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        assert (ref / name).read_bytes() == (got / name).read_bytes()
+
+
+def test_fsdp_in_one_process_trains_as_usual_and_says_so(
+    tmp_path: Path, tiny_model: Path, sample_dir: Path
+) -> None:
+    write_config(tmp_path / "config.yaml", tiny_settings(tiny_model, sample_dir, eval_file=None))
+    proc = _single(tmp_path, ["parallel=fsdp", "max_steps=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parallel: fsdp in one process: nothing to shard, trained as usual" in proc.stdout
+    assert checkpoint.verify(tmp_path / OUT / "checkpoint-1") is None
+
+
+def test_fsdp_refuses_a_model_without_named_decoder_layers() -> None:
+    from sftrun.distributed import shard_frozen_layers
+    from sftrun.errors import SftrunError
+
+    with pytest.raises(SftrunError, match="parallel: fsdp needs the model's decoder layers"):
+        shard_frozen_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.device("cpu"), set())
+
+
+@pytest.mark.slow
 def test_a_group_that_cannot_form_fails_within_the_timeout(
     tmp_path: Path, tiny_model: Path, sample_dir: Path
 ) -> None:

@@ -103,6 +103,11 @@ class TrainingConfig(BaseModel):
     ddp_timeout: int = Field(
         600, gt=0, description="Seconds a multi-process launch waits for every process."
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Several processes: ddp = every process holds the whole base model; "
+        "fsdp = each holds 1/N of every decoder layer's frozen weights.",
+    )
     backend: Literal["auto", "unsloth", "plain"] = Field(
         "auto", description="Model backend: Unsloth where it imports and CUDA is there."
     )

@@ -3,8 +3,9 @@
 Owns setting up torch.distributed through accelerate (gloo on CPU, NCCL on CUDA) with a
 timeout, the "rank 0 decides, every rank follows" pattern (the checkpoint to resume, the
 answer to the prompt, errors), the stop signal agreed after each step, the gathering of every
-rank's random state for the one writer, the per-rank seed, and which samples of a step each
-rank and micro-step takes (a pure function). Never reads or writes files.
+rank's random state for the one writer, the per-rank seed, which samples of a step each
+rank and micro-step takes (a pure function), and FSDP's sharding of the frozen base with the
+adapter's gradients averaged across processes. Never reads or writes files.
 
 One process is the degenerate case of all of it: no collective is issued, nothing changes.
 """
@@ -144,3 +145,53 @@ def micro_batches(
     share = micro * accumulation
     mine = step_samples[rank_ * share : (rank_ + 1) * share]
     return [mine[i * micro : (i + 1) * micro] for i in range(accumulation)]
+
+
+def shard_frozen_layers(model: torch.nn.Module, device: torch.device, keep: set[Any]) -> int:
+    """FSDP2: shard every decoder layer of ``model`` over the processes; return how many.
+
+    The layers are the module classes the model names in ``_no_split_modules`` (the unit
+    transformers and accelerate also shard by). Each process then holds 1/N of those frozen
+    weights and gathers one layer at a time while it runs. The parameters in ``keep`` (the
+    adapter) stay whole, ordinary tensors on every process: the optimizer, the checkpoint
+    files and the resume contract stay those of DDP. They are moved to ``device`` here, since
+    FSDP leaves them where they are; their gradients are averaged by :func:`average_gradients`.
+    Embeddings, the final norm and the LM head are not in a layer and stay whole.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layer_types = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_types]
+    if not layers:
+        raise SftrunError(
+            f"parallel: fsdp needs the model's decoder layers, but {type(model).__name__} "
+            "names none (_no_split_modules); use parallel: ddp"
+        )
+    mesh = init_device_mesh(torch.device(device).type, (world_size(),))
+    for layer in layers:
+        # Resharded after every forward, always: each layer is its own FSDP root here, and
+        # a root would otherwise stay gathered after a no-grad forward (an evaluation) until
+        # something reshards it, such as the writer's state_dict(), on one process only;
+        # the next forward then gathers on some processes and not on others, and hangs.
+        fully_shard(layer, mesh=mesh, ignored_params=keep, reshard_after_forward=True)
+    for param in keep:
+        param.data = param.data.to(device)
+    return len(layers)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over every process in one all-reduce (what DDP
+    does for a wrapped model; here for the adapter that FSDP leaves whole)."""
+    if world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()

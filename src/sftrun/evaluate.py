@@ -56,8 +56,13 @@ def generation_accuracy(
     max_new_tokens: int,
     batch_size: int,
     device: torch.device,
+    synced: bool = False,
 ) -> AccuracyResult:
-    """Greedy-generate a reply for each held-out prompt and score it against the reference."""
+    """Greedy-generate a reply for each held-out prompt and score it against the reference.
+
+    ``synced``: every process runs this together (a sharded model); each keeps stepping until
+    all have finished, as a sharded forward needs every process.
+    """
     score = SCORERS[scorer]
     was_training = model.training
     model.eval()
@@ -84,6 +89,7 @@ def generation_accuracy(
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=synced,
                 )
                 new = out[:, enc["input_ids"].shape[1] :]
                 for prompt, ref, ids in zip(prompts, refs, new, strict=True):

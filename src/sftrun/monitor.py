@@ -192,7 +192,8 @@ def run_summary(
         lines.append(_data_line("eval data", cfg.eval_file, plan.eval_data))
     lines += [
         f"  {'batch':<12} {cfg.per_device_train_batch_size} per device x "
-        f"{cfg.gradient_accumulation_steps} accumulation x {plan.world} process(es) = "
+        f"{cfg.gradient_accumulation_steps} accumulation x {plan.world} process(es)"
+        f"{' (fsdp: the frozen base sharded over them)' if plan.sharded else ''} = "
         f"{plan.global_batch} examples per step; max_seq_length {cfg.max_seq_length}; "
         f"{plan.dtype}",
         f"  {'length':<12} {plan.planned} steps = {plan.epochs:.2f} epochs; LR "

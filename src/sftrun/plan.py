@@ -95,6 +95,11 @@ class RunPlan:
         return max(0, self.planned - self.state.global_step)
 
     @property
+    def sharded(self) -> bool:
+        """FSDP shards the frozen base (``parallel: fsdp`` with several processes)."""
+        return self.cfg.parallel == "fsdp" and self.world > 1
+
+    @property
     def epochs(self) -> float:
         return self.planned * self.global_batch / len(self.train_data)
 
@@ -164,7 +169,6 @@ def make_plan(
     ckpt_path, skipped = distributed.decided_by_main(
         lambda: _checkpoint_to_resume(out, resume, refusals, cfg.mirror_to)
     )
-    started_fresh = resume == C.RESUME_AUTO and ckpt_path is None
     payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
 
     tokenizer = load_tokenizer(cfg.model_name_or_path)
@@ -210,11 +214,26 @@ def make_plan(
         skipped=skipped,
         refusals=refusals if refusals is not None else [],
     )
-    if started_fresh:
+    if resume == C.RESUME_AUTO and ckpt_path is None:
         plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
+    _check_parallel(plan, refusals, preview)
     if payload is not None:
         _plan_resume(plan, payload, allow_data_change, refusals)
     return plan
+
+
+def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) -> None:
+    """``parallel: fsdp``: a note in one process; refused for an Unsloth model."""
+    if plan.cfg.parallel == "fsdp" and plan.world == 1 and not preview:
+        plan.notes.append("parallel: fsdp in one process: nothing to shard, trained as usual")
+    if plan.sharded and plan.backend.name == "unsloth":
+        _refuse(
+            refusals,
+            ConfigError(
+                "parallel: fsdp cannot shard an Unsloth model; "
+                "pass --no-unsloth or use parallel: ddp"
+            ),
+        )
 
 
 def recheck_folder(plan: RunPlan) -> None:

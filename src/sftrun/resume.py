@@ -67,6 +67,7 @@ TUNABLE = {
     "per_device_eval_batch_size": "new value for evaluation",
     "backend": "new value (same weights either way)",
     "ddp_timeout": "new value for this launch",
+    "parallel": "new value for this launch (same adapter and optimizer files either way)",
     "mirror_to": "checkpoints from the resume step on are copied there",
 }
 

@@ -209,9 +209,7 @@ def _train_run(
 ) -> RunResult:
     stamp, summary, log_file, t0 = started
     _tidy_output_folder(plan, accelerator)
-    optimizer = _optimizer(plan, model.peft_model)  # restored when resuming
-    make_loss = opts.hooks.make_loss or LabelOnlyLoss
-    loss_module, optimizer = accelerator.prepare(make_loss(model.peft_model), optimizer)
+    loss_module, optimizer = _place(plan, accelerator, model, opts.hooks.make_loss or LabelOnlyLoss)
     board = _open_board(plan, accelerator, stamp, summary)
     ctx = _Loop(plan, opts, accelerator, loss_module, optimizer, model.peft_model, board)
     if plan.cfg.mirror_to and accelerator.is_main_process:
@@ -350,6 +348,23 @@ def _tidy_output_folder(plan: RunPlan, accelerator: Any) -> None:
         boards |= {n for n in runs if isinstance(n, str)}
     renamed = mark_superseded_boards(boards, plan.state.global_step)
     plan.state.tensorboard_runs = [renamed.get(n, n) for n in plan.state.tensorboard_runs]
+
+
+def _place(plan: RunPlan, acc: Any, model: _Model, make_loss: Any) -> tuple[Any, Any]:
+    """The loss module and the optimizer (restored when resuming), on the device.
+
+    DDP (and one process): accelerate places and wraps the whole model. FSDP: the frozen
+    decoder layers are sharded over the processes first; the adapter stays whole, so the
+    optimizer is the same as under DDP, and the loop averages its gradients itself.
+    """
+    if not plan.sharded:
+        optimizer = _optimizer(plan, model.peft_model)
+        return acc.prepare(make_loss(model.peft_model), optimizer)
+    base = model.peft_model.get_base_model()
+    layers = distributed.shard_frozen_layers(base, acc.device, set(model.params))
+    log.info("FSDP: %d decoder layers sharded over %d processes", layers, plan.world)
+    optimizer = acc.prepare(_optimizer(plan, model.peft_model))
+    return make_loss(model.peft_model), optimizer
 
 
 def _optimizer(plan: RunPlan, peft_model: Any) -> torch.optim.Optimizer:
@@ -547,12 +562,14 @@ def _optimizer_step(ctx: _Loop) -> StepStats:
         ctx.hooks.on_batch(batch)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(ctx.loss_module)
-        with sync:
+        with sync, acc.autocast():
             loss_sum, _ = ctx.loss_module(**batch)
             # DDP averages gradients over processes, hence the factor num_processes.
             acc.backward(loss_sum * acc.num_processes / max(1, n_labels))
         loss_total += loss_sum.detach()
     params = [p for p in ctx.loss_module.parameters() if p.requires_grad]
+    if plan.sharded:  # FSDP leaves the adapter to us; DDP averaged it during backward
+        distributed.average_gradients(params)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = float(acc.clip_grad_norm_(params, max_norm))
     loss = float(acc.reduce(loss_total, "sum")) / max(1, n_labels)
@@ -650,17 +667,24 @@ def _pad_id(peft_model: Any) -> int:
 def _report_accuracy(ctx: _Loop, when: str) -> float | None:
     """Held-out generation accuracy, logged; None when there is nothing to score."""
     cfg, plan = ctx.cfg, ctx.plan
-    if not plan.eval_convs or cfg.eval_accuracy == "none" or not ctx.acc.is_main_process:
+    if not plan.eval_convs or cfg.eval_accuracy == "none":
         return None
-    result = generation_accuracy(
-        ctx.peft_model,
-        plan.tokenizer,
-        plan.eval_convs,
-        cfg.eval_accuracy,
-        cfg.eval_max_new_tokens,
-        cfg.per_device_eval_batch_size,
-        ctx.acc.device,
-    )
+    if not (ctx.acc.is_main_process or plan.sharded):
+        return None
+    # A sharded model runs only when every process runs it: all generate, in step.
+    with ctx.acc.autocast():
+        result = generation_accuracy(
+            ctx.peft_model,
+            plan.tokenizer,
+            plan.eval_convs,
+            cfg.eval_accuracy,
+            cfg.eval_max_new_tokens,
+            cfg.per_device_eval_batch_size,
+            ctx.acc.device,
+            synced=plan.sharded,
+        )
+    if not ctx.acc.is_main_process:
+        return None
     line = f"held-out accuracy {when} training: {100 * result.accuracy:.1f}% "
     line += f"({result.correct}/{result.total})"
     if when == "after":
@@ -678,13 +702,14 @@ def _report_accuracy(ctx: _Loop, when: str) -> float | None:
 def _evaluate(ctx: _Loop) -> None:
     assert ctx.plan.eval_data is not None
     state = ctx.plan.state
-    value = eval_loss(
-        ctx.loss_module,
-        ctx.plan.eval_data,
-        ctx.cfg.per_device_eval_batch_size,
-        _pad_id(ctx.peft_model),
-        ctx.acc.device,
-    )
+    with ctx.acc.autocast():
+        value = eval_loss(
+            ctx.loss_module,
+            ctx.plan.eval_data,
+            ctx.cfg.per_device_eval_batch_size,
+            _pad_id(ctx.peft_model),
+            ctx.acc.device,
+        )
     value = ctx.hooks.on_eval(state.global_step, value)
     epoch = state.samples_seen / len(ctx.plan.train_data)
     state.log_history.append(
