@@ -64,7 +64,7 @@ def test_json_array_file(tmp_path: Path) -> None:
     ("line", "expected"),
     [
         ('{"messages": [', "not valid JSON"),
-        ('{"text": "x"}', "unknown record format (keys: text)"),
+        ('{"txt": "x"}', "unknown record format (keys: txt)"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
         (

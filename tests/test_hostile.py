@@ -422,7 +422,7 @@ def _write(path: Path, data: bytes) -> str:
         ),
         ("output_dir=config.yaml/sub", 2, "is a file, not a folder"),
         ("train_file=missing.jsonl", 3, "data file not found: missing.jsonl; check train_file"),
-        ("train_file=.", 3, "train_file . is not a file"),
+        ("train_file=.", 3, "train_file . is a folder but not one written by Dataset.save_to_disk"),
         ("train_file=BINARY", 3, "BINARY:1: not UTF-8 text"),
         ("train_file=LATIN1", 3, "LATIN1:2: not UTF-8 text (byte 0xe9"),
         ("train_file=HUGE", 3, "HUGE:2: a record longer than 16 MiB"),

@@ -140,7 +140,7 @@ def test_data_prepare_writes_stats_and_a_cache_that_train_reuses(run_dir: Path, 
 def test_data_validate_names_every_bad_line(tmp_path: Path, sample_dir: Path, capsys) -> None:
     good = (sample_dir / "train.jsonl").read_text().splitlines()[:3]
     path = tmp_path / "d.jsonl"
-    path.write_text("\n".join([good[0], "{oops", good[1], '{"text": 1}', good[2]]) + "\n")
+    path.write_text("\n".join([good[0], "{oops", good[1], '{"txt": 1}', good[2]]) + "\n")
     assert main(["data", "validate", str(path)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{path}:2: not valid JSON")

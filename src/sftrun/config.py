@@ -42,8 +42,15 @@ class TrainingConfig(BaseModel):
 
     # model and data
     model_name_or_path: str = Field(C.DEFAULT_MODEL_DIR, description="Local HF causal-LM folder.")
-    train_file: str = Field("data/sample/train.jsonl", description="Training data, JSONL or JSON.")
-    eval_file: str | None = Field("data/sample/eval.jsonl", description="Held-out data or null.")
+    train_file: str | list[str] = Field(
+        "data/sample/train.jsonl",
+        min_length=1,
+        description="Training data: .jsonl/.json/.parquet/.csv/.arrow, a save_to_disk "
+        "folder, or a list of them.",
+    )
+    eval_file: str | list[str] | None = Field(
+        "data/sample/eval.jsonl", min_length=1, description="Held-out data (as train_file) or null."
+    )
     output_dir: str = Field(C.DEFAULT_OUTPUT_DIR, description="Where checkpoint-<step>/ go.")
     max_seq_length: int = Field(512, gt=8, description="Longest tokenized example.")
     overlong: Literal["truncate", "drop"] = Field(

@@ -1,17 +1,21 @@
-"""Training data: read records, normalise them to chat messages, tokenize with a loss mask.
+"""Training data: read records, normalise them, tokenize with a loss mask.
 
-Owns the three input formats (``messages``; ShareGPT ``conversations``; Alpaca
-``instruction``/``input``/``output``), rendering through the tokenizer's chat template, the
-assistant-only loss mask, over-long handling, the data fingerprint and batch collation.
-Never decides data order (see ``sampler``) and never touches checkpoints. Every malformed
-record is reported as ``file:line`` before any training starts.
+Owns the input files (JSONL/JSON read here, line by line; Parquet, CSV, Arrow and
+``Dataset.save_to_disk`` folders read through the ``datasets`` library; a list of them), the
+record formats (``messages``; ShareGPT ``conversations``; Alpaca ``instruction``/``output``;
+``prompt``/``completion``, plain or conversational; ``text``), rendering through the
+tokenizer's chat template, the loss mask, over-long handling, the data fingerprint and batch
+collation. Never decides data order (see ``sampler``) and never touches checkpoints. Every
+malformed record is reported as ``file:line`` (``file:row N`` for tables) before training.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +37,17 @@ ROLE_ALIASES = {
 
 @dataclass(frozen=True)
 class Conversation:
-    """One normalised record: chat messages plus where it came from."""
+    """One normalised record: chat messages (or raw text) plus where it came from."""
 
     messages: list[dict[str, str]]
-    source: str  # "file:line"
-    fmt: str  # messages | sharegpt | alpaca
+    source: str  # "file:line" or "file:row N"
+    fmt: str  # messages | sharegpt | alpaca | prompt-completion | text
+    # Assistant turns from this message index on carry the loss (prompt-completion: the
+    # completion's turns only).
+    first_trained: int = 0
+    # Raw-text formats, rendered without a chat template: (prompt, completion); the loss is
+    # on the completion (and the end-of-sequence token added after it). ``text``: ("", text).
+    text: tuple[str, str] | None = None
 
 
 @dataclass
@@ -73,16 +83,46 @@ def format_counts(counts: dict[str, int]) -> str:
 MAX_RECORD_BYTES = 16 << 20
 
 
-def check_data_file(path: str | Path, key: str = "train_file") -> Path:
-    """Raise DataError unless ``path`` is an existing regular file; return it as a Path."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file not found: {p}; check {key} in the config")
-    if not p.is_file():
-        raise DataError(
-            f"{key} {p} is not a file (a folder?); point {key} at a .jsonl or .json file"
-        )
-    return p
+# Read through the ``datasets`` library, by suffix (a folder is a ``save_to_disk`` dataset).
+TABLE_SUFFIXES = (".parquet", ".csv", ".arrow")
+
+
+def data_sources(value: str | Path | list[str]) -> list[Path]:
+    """The paths of a ``train_file``/``eval_file`` setting: one path or a list of them."""
+    return [Path(v) for v in value] if isinstance(value, list) else [Path(value)]
+
+
+def describe_sources(value: str | Path | list[str]) -> str:
+    return ", ".join(str(p) for p in data_sources(value))
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return (p / "state.json").is_file() and (p / "dataset_info.json").is_file()
+
+
+def check_data_file(value: str | Path | list[str], key: str = "train_file") -> list[Path]:
+    """Raise DataError unless every source of ``value`` exists and is readable as data
+    (a file, or a folder written by ``Dataset.save_to_disk``); return the paths."""
+    sources = data_sources(value)
+    if not sources:
+        raise DataError(f"{key} is an empty list; name at least one data file")
+    for p in sources:
+        if not p.exists():
+            raise DataError(f"data file not found: {p}; check {key} in the config")
+        if p.is_dir() and (p / "dataset_dict.json").is_file():
+            splits = sorted(c.name for c in p.iterdir() if _is_saved_dataset(c))
+            raise DataError(
+                f"{key} {p} holds several splits ({', '.join(splits) or 'none'}); "
+                f"name one of them, e.g. {p / (splits[0] if splits else 'train')}"
+            )
+        if p.is_dir() and not _is_saved_dataset(p):
+            raise DataError(
+                f"{key} {p} is a folder but not one written by Dataset.save_to_disk (no "
+                "state.json/dataset_info.json); point it at a data file or such a folder"
+            )
+        if not p.is_dir() and not p.is_file():
+            raise DataError(f"{key} {p} is not a regular file; point it at a data file")
+    return sources
 
 
 def _decode(raw: bytes, path: Path, lineno: int) -> str:
@@ -115,14 +155,92 @@ def _parse_line(path: Path, lineno: int, text: str, lenient: bool) -> Any:
         raise error from None
 
 
-def _read_records(path: Path, lenient: bool = False) -> list[tuple[int, Any]]:
-    """(line-or-item number, parsed object) pairs from a JSONL or JSON-array file.
+def _read_records(path: Path, lenient: bool = False) -> list[tuple[str, Any]]:
+    """("file:line" or "file:row N", parsed record) pairs from one data source.
 
-    The one reader behind training and ``sftrun data validate``. Accepts a UTF-8 BOM; a
-    line that is not UTF-8, or longer than MAX_RECORD_BYTES, is an error naming file:line.
-    With ``lenient``, a JSONL line that does not parse becomes a DataError entry instead.
+    The one reader behind training and ``sftrun data validate``. JSONL/JSON: accepts a UTF-8
+    BOM; a line that is not UTF-8, or longer than MAX_RECORD_BYTES, is an error naming
+    file:line. With ``lenient``, a record that does not parse becomes a DataError entry.
     """
     check_data_file(path)
+    if path.is_dir() or path.suffix in TABLE_SUFFIXES:
+        return _read_table(path, lenient)
+    return [(f"{path}:{n}", obj) for n, obj in _read_json(path, lenient)]
+
+
+def _load_table(path: Path, cache: str) -> Any:
+    """A ``datasets.Dataset`` of the file or folder (CSV cells read as text, unchanged)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path.is_dir():
+        return datasets.load_from_disk(str(path), keep_in_memory=True)
+    if path.suffix == ".arrow":
+        return datasets.Dataset.from_file(str(path), in_memory=True)
+    if path.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path), cache_dir=cache, keep_in_memory=True)
+    with open(path, encoding="utf-8-sig", newline="") as fh:  # every column is text
+        header = next(csv.reader(fh), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return datasets.Dataset.from_csv(
+        str(path),
+        cache_dir=cache,
+        keep_in_memory=True,
+        features=features,
+        keep_default_na=False,
+        encoding="utf-8-sig",
+    )
+
+
+# Columns that hold a list of turns; in a CSV file they are JSON text.
+TURN_COLUMNS = ("messages", "conversations")
+
+
+def _read_table(path: Path, lenient: bool) -> list[tuple[str, Any]]:
+    """Rows of a Parquet/CSV/Arrow file or a save_to_disk folder, as records.
+
+    A missing value (null; an empty CSV cell) is an absent key, as in a JSONL record that
+    leaves it out. Rows are named by their 0-based index (``dataset[N]``).
+    """
+    kind = "a saved dataset" if path.is_dir() else path.suffix.lstrip(".").upper()
+    with tempfile.TemporaryDirectory(prefix="sftrun-datasets-") as cache:
+        try:
+            rows = _load_table(path, cache).to_list()
+        except Exception as exc:  # pyarrow, pandas and datasets each raise their own
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DataError(
+                f"{path}: cannot be read as {kind} ({reason}); check that the file is complete"
+            ) from None
+    is_csv = path.suffix == ".csv"
+    records: list[tuple[str, Any]] = []
+    for i, row in enumerate(rows):
+        where = f"{path}:row {i}"
+        record = {k: v for k, v in row.items() if v is not None and not (is_csv and v == "")}
+        try:
+            for key in TURN_COLUMNS if is_csv else ():
+                if key in record:
+                    record[key] = _parse_cell(record[key], where, key)
+        except DataError as exc:
+            if not lenient:
+                raise
+            records.append((where, exc))
+            continue
+        records.append((where, record))
+    return records
+
+
+def _parse_cell(text: str, where: str, key: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{where}: the {key!r} cell is not valid JSON ({exc.msg} at column {exc.colno}); "
+            "in CSV a list of turns is written as JSON text"
+        ) from None
+
+
+def _read_json(path: Path, lenient: bool) -> list[tuple[int, Any]]:
+    """(line-or-item number, parsed object) pairs from a JSONL or JSON-array file."""
     with open(path, "rb") as fh:
         head = fh.read(4096)
         fh.seek(0)
@@ -165,61 +283,106 @@ def _as_text(value: Any, where: str, key: str) -> str:
 
 
 def normalise(record: Any, where: str) -> Conversation:
-    """Turn one parsed record into chat messages, or raise DataError naming ``where``."""
+    """Turn one parsed record into a Conversation, or raise DataError naming ``where``."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        fmt, turns, role_key, text_key = "messages", record["messages"], "role", "content"
-    elif "conversations" in record:
-        fmt, turns, role_key, text_key = "sharegpt", record["conversations"], "from", "value"
-    elif "instruction" in record:
-        fmt = "alpaca"
-        instruction = _as_text(record["instruction"], where, "instruction")
-        extra = _as_text(record.get("input", ""), where, "input")
-        if "output" not in record:
-            raise DataError(f"{where}: Alpaca record has no 'output'")
-        output = _as_text(record["output"], where, "output")
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        if "system" in record:
-            system = _as_text(record["system"], where, "system")
-            messages.insert(0, {"role": "system", "content": system})
-        return Conversation(messages, where, fmt)
-    else:
-        keys = ", ".join(sorted(record)) or "none"
-        raise DataError(
-            f"{where}: unknown record format (keys: {keys}); expected 'messages', "
-            "'conversations' (ShareGPT) or 'instruction'/'output' (Alpaca)"
-        )
+        messages = _turns(record["messages"], where, "messages", "role", "content")
+        return _chat(messages, where, "messages")
+    if "conversations" in record:
+        messages = _turns(record["conversations"], where, "conversations", "from", "value")
+        return _chat(messages, where, "sharegpt")
+    if "prompt" in record or "completion" in record:
+        return _prompt_completion(record, where)
+    if "instruction" in record:
+        return _alpaca(record, where)
+    if "text" in record:
+        text = _as_text(record["text"], where, "text")
+        if not text.strip():
+            raise DataError(f"{where}: 'text' is empty, so there is nothing to learn from")
+        return Conversation([], where, "text", text=("", text))
+    keys = ", ".join(sorted(record)) or "none"
+    raise DataError(
+        f"{where}: unknown record format (keys: {keys}); expected 'messages', "
+        "'conversations' (ShareGPT), 'prompt'/'completion', 'instruction'/'output' (Alpaca) "
+        "or 'text'"
+    )
+
+
+def _turns(turns: Any, where: str, key: str, role_key: str, text_key: str) -> list[dict[str, str]]:
+    """A list of chat turns, validated and with role names normalised."""
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: {fmt!r} must be a non-empty list of turns")
+        raise DataError(f"{where}: {key!r} must be a non-empty list of turns")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise DataError(
-                f"{where}: turn {i} must be an object with {role_key!r} and {text_key!r}"
+                f"{where}: turn {i} of {key!r} must be an object with {role_key!r} and {text_key!r}"
             )
         role = ROLE_ALIASES.get(str(turn[role_key]).lower())
         if role is None:
             raise DataError(
-                f"{where}: turn {i} has unknown role {turn[role_key]!r}; "
+                f"{where}: turn {i} of {key!r} has unknown role {turn[role_key]!r}; "
                 f"use one of {', '.join(sorted(ROLE_ALIASES))}"
             )
         messages.append({"role": role, "content": _as_text(turn[text_key], where, text_key)})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant turn, so nothing to learn from this record")
+    return messages
+
+
+def _chat(messages: list[dict[str, str]], where: str, fmt: str, first: int = 0) -> Conversation:
+    if not any(m["role"] == "assistant" for m in messages[first:]):
+        what = "no assistant turn in the completion" if first else "no assistant turn"
+        raise DataError(f"{where}: {what}, so nothing to learn from this record")
     if messages[0]["role"] == "assistant":
         raise DataError(f"{where}: the first turn is an assistant reply; start with system or user")
-    return Conversation(messages, where, fmt)
+    return Conversation(messages, where, fmt, first_trained=first)
 
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    """Read and validate every record of a data file; raise DataError at the first bad one."""
-    p = Path(path)
-    records = _read_records(p)
-    if not records:
-        raise DataError(f"{p}: no records; the file is empty")
-    return [normalise(obj, f"{p}:{n}") for n, obj in records]
+def _prompt_completion(record: dict[str, Any], where: str) -> Conversation:
+    """TRL's prompt-completion records: both text (no chat template), or both turn lists."""
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise DataError(f"{where}: a prompt-completion record has no {key!r}")
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not completion:
+            raise DataError(f"{where}: 'completion' is empty, so there is nothing to learn from")
+        return Conversation([], where, "prompt-completion", text=(prompt, completion))
+    if isinstance(prompt, list) and isinstance(completion, list):
+        head = _turns(prompt, where, "prompt", "role", "content")
+        tail = _turns(completion, where, "completion", "role", "content")
+        return _chat(head + tail, where, "prompt-completion", first=len(head))
+    raise DataError(
+        f"{where}: 'prompt' and 'completion' must both be text or both lists of turns, got "
+        f"{type(prompt).__name__} and {type(completion).__name__}"
+    )
+
+
+def _alpaca(record: dict[str, Any], where: str) -> Conversation:
+    instruction = _as_text(record["instruction"], where, "instruction")
+    extra = _as_text(record.get("input", ""), where, "input")
+    if "output" not in record:
+        raise DataError(f"{where}: Alpaca record has no 'output'")
+    output = _as_text(record["output"], where, "output")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    if "system" in record:
+        messages.insert(
+            0, {"role": "system", "content": _as_text(record["system"], where, "system")}
+        )
+    return Conversation(messages, where, "alpaca")
+
+
+def read_conversations(value: str | Path | list[str]) -> list[Conversation]:
+    """Read and validate every record of the data source(s); raise DataError at the first
+    bad one."""
+    convs = []
+    for p in check_data_file(value):
+        records = _read_records(p)
+        if not records:
+            raise DataError(f"{p}: no records; the file is empty")
+        convs += [normalise(obj, where) for where, obj in records]
+    return convs
 
 
 def validate_file(path: str | Path) -> tuple[list[Conversation], list[str]]:
@@ -230,12 +393,12 @@ def validate_file(path: str | Path) -> tuple[list[Conversation], list[str]]:
     except DataError as exc:
         return [], [str(exc)]
     good, errors = [], []
-    for n, obj in records:
+    for where, obj in records:
         if isinstance(obj, DataError):
             errors.append(str(obj))
             continue
         try:
-            good.append(normalise(obj, f"{p}:{n}"))
+            good.append(normalise(obj, where))
         except DataError as exc:
             errors.append(str(exc))
     if not records:
@@ -251,9 +414,23 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(path: str | Path, render: dict[str, Any]) -> str:
-    """Content hash of the file plus the settings that turn it into tokens."""
-    payload = json.dumps({"sha256": file_sha256(path), "render": render}, sort_keys=True)
+def source_sha256(path: Path) -> str:
+    """The bytes of a data file, or of every file of a saved-dataset folder (with names)."""
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    listing = [(str(f.relative_to(path)), file_sha256(f)) for f in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def data_fingerprint(value: str | Path | list[str], render: dict[str, Any]) -> str:
+    """Content hash of the data source(s) plus the settings that turn them into tokens.
+    (One file hashes as it always has, so older checkpoints keep matching.)"""
+    sources = data_sources(value)
+    hashes: Any = [source_sha256(p) for p in sources]
+    if not isinstance(value, list) and not sources[0].is_dir():
+        hashes = hashes[0]
+    payload = json.dumps({"sha256": hashes, "render": render}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -274,7 +451,7 @@ def assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple
     full = _render(tokenizer, conv.messages, False)
     spans = []
     for i, msg in enumerate(conv.messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i < conv.first_trained:
             continue
         prompt = _render(tokenizer, conv.messages[:i], True)
         upto = _render(tokenizer, conv.messages[: i + 1], False)
@@ -289,22 +466,35 @@ def assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple
 
 
 def encode(tokenizer: Any, conv: Conversation, train_on: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels (IGNORE_INDEX where no loss) for one conversation."""
-    text, spans = assistant_spans(tokenizer, conv)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    """Token ids and labels (IGNORE_INDEX where no loss) for one record.
+
+    Chat records render through the chat template and learn the assistant replies. Raw-text
+    records (``text``, plain prompt-completion) are tokenized as they are, with the
+    tokenizer's own special tokens (a BOS where the model expects one), then the
+    end-of-sequence token; they learn the completion (all of ``text``) and that EOS.
+    """
+    if conv.text is None:
+        text, spans = assistant_spans(tokenizer, conv)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        eos: list[int] = []
+    else:
+        prompt, completion = conv.text
+        spans = [(len(prompt), len(prompt) + len(completion))]
+        enc = tokenizer(prompt + completion, return_offsets_mapping=True)
+        eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     ids: list[int] = list(enc["input_ids"])
     if train_on == "all":
-        return ids, list(ids)
+        return ids + eos, ids + eos
     labels = []
     for tok_id, (start, end) in zip(ids, enc["offset_mapping"], strict=True):
         inside = any(a <= start < b for a, b in spans) and end > start
         labels.append(tok_id if inside else IGNORE_INDEX)
-    return ids, labels
+    return ids + eos, labels + eos
 
 
 def tokenize_file(
     tokenizer: Any,
-    path: str | Path,
+    path: str | Path | list[str],
     max_seq_length: int,
     overlong: str = "truncate",
     train_on: str = "assistant",

@@ -25,6 +25,7 @@ from sftrun.data import (
     TokenizedData,
     check_data_file,
     data_fingerprint,
+    describe_sources,
     format_counts,
     tokenize_file,
 )
@@ -34,7 +35,7 @@ CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
 log = logging.getLogger("sftrun")
 
 
-def cache_key(path: str | Path, tokenizer_sha: str, render: dict[str, Any]) -> str:
+def cache_key(path: str | Path | list[str], tokenizer_sha: str, render: dict[str, Any]) -> str:
     return hashlib.sha256(f"{data_fingerprint(path, render)}:{tokenizer_sha}".encode()).hexdigest()[
         :32
     ]
@@ -86,7 +87,7 @@ def _load_cache(target: Path) -> TokenizedData | None:
 def load_or_tokenize(
     tokenizer: Any,
     tokenizer_sha: str,
-    path: str | Path,
+    path: str | Path | list[str],
     max_seq_length: int,
     overlong: str,
     train_on: str,
@@ -165,13 +166,16 @@ def prepare_data(
     also writes ``outputs/1_data/stats.json`` and ``stats.md``.
     """
     splits = {"train": cfg.train_file, **({"eval": cfg.eval_file} if cfg.eval_file else {})}
+    names = {split: describe_sources(value) for split, value in splits.items()}
     loaded: dict[str, TokenizedData] = {}
     for split, path in splits.items():
         data, cached = load_or_tokenize(
             tokenizer, tok_sha, path, cfg.max_seq_length, cfg.overlong, cfg.train_on
         )
-        log.info("%s data %s: %s", split, path, "tokenized cache hit" if cached else "tokenized")
+        log.info(
+            "%s data %s: %s", split, names[split], "tokenized cache hit" if cached else "tokenized"
+        )
         loaded[split] = data
     if report:
-        write_report({k: (splits[k], stats(v)) for k, v in loaded.items()})
+        write_report({k: (names[k], stats(v)) for k, v in loaded.items()})
     return loaded["train"], loaded.get("eval")

@@ -41,10 +41,27 @@ class AccuracyResult:
     samples: list[dict[str, Any]]  # prompt, reference, prediction, correct
 
 
-def split_prompt(conv: Conversation) -> tuple[list[dict[str, str]], str]:
-    """Messages before the last assistant reply, and that reply as the reference."""
+def split_prompt(conv: Conversation, tokenizer: Any) -> tuple[str, str, str] | None:
+    """(text to generate from, prompt as shown, reference) for one held-out record.
+
+    Chat records: everything before the last assistant reply, through the chat template, and
+    that reply. Plain prompt-completion records: the prompt as it is, and the completion.
+    ``text`` records have no reply to score: None.
+    """
+    if conv.text is not None:
+        prompt, completion = conv.text
+        if not prompt:
+            return None
+        # As in training, where the tokenizer adds its special tokens to raw text.
+        bos = tokenizer.bos_token_id
+        added = tokenizer("", add_special_tokens=True)["input_ids"]
+        lead = tokenizer.bos_token if bos is not None and added[:1] == [bos] else ""
+        return lead + prompt, prompt[-200:], completion
     last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")
-    return conv.messages[:last], conv.messages[last]["content"]
+    text = tokenizer.apply_chat_template(
+        conv.messages[:last], tokenize=False, add_generation_prompt=True
+    )
+    return text, conv.messages[last - 1]["content"], conv.messages[last]["content"]
 
 
 @torch.no_grad()
@@ -58,30 +75,28 @@ def generation_accuracy(
     device: torch.device,
     synced: bool = False,
 ) -> AccuracyResult:
-    """Greedy-generate a reply for each held-out prompt and score it against the reference.
+    """Greedy-generate a reply for each held-out prompt and score it against the reference
+    (records with nothing to score, ``text``, are left out).
 
     ``synced``: every process runs this together (a sharded model); each keeps stepping until
     all have finished, as a sharded forward needs every process.
     """
     score = SCORERS[scorer]
+    tasks = [t for t in (split_prompt(c, tokenizer) for c in convs) if t is not None]
     was_training = model.training
     model.eval()
     samples = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge
     # Shown on a terminal only (tqdm's disable=None); the slow part of every evaluation.
-    bar = tqdm(total=len(convs), desc="generating", unit="reply", leave=False, disable=None)
+    bar = tqdm(total=len(tasks), desc="generating", unit="reply", leave=False, disable=None)
     try:
         with torch.random.fork_rng(devices=[]):
-            for start in range(0, len(convs), batch_size):
-                chunk = convs[start : start + batch_size]
-                prompts, refs = zip(*(split_prompt(c) for c in chunk), strict=True)
-                texts = [
-                    tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                    for p in prompts
-                ]
+            for start in range(0, len(tasks), batch_size):
+                chunk = tasks[start : start + batch_size]
+                texts, prompts, refs = zip(*chunk, strict=True)
                 enc = tokenizer(
-                    texts, return_tensors="pt", padding=True, add_special_tokens=False
+                    list(texts), return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
                 out = model.generate(
                     **enc,
@@ -96,7 +111,7 @@ def generation_accuracy(
                     pred = tokenizer.decode(ids, skip_special_tokens=True).strip()
                     samples.append(
                         {
-                            "prompt": prompt[-1]["content"],
+                            "prompt": prompt,
                             "reference": ref,
                             "prediction": pred,
                             "correct": score(pred, ref),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from sftrun import constants as C
-from sftrun.data import TokenizedData, format_counts
+from sftrun.data import TokenizedData, describe_sources, format_counts
 
 if TYPE_CHECKING:
     from sftrun.plan import RunPlan
@@ -165,10 +165,10 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _data_line(name: str, path: str, data: TokenizedData) -> str:
+def _data_line(name: str, value: str | list[str], data: TokenizedData) -> str:
     c = data.counts
     return (
-        f"  {name:<12} {path}: {len(data)} examples ({format_counts(c)}), "
+        f"  {name:<12} {describe_sources(value)}: {len(data)} examples ({format_counts(c)}), "
         f"{data.num_tokens:,} tokens, {data.num_label_tokens:,} with loss; truncated "
         f"{c['truncated']}, dropped {c['dropped']}"
     )
