@@ -287,15 +287,21 @@ def test_declining_the_prompt_changes_nothing(tiny_config, monkeypatch) -> None:
 def test_log_file_and_tensorboard_steps_continue_after_resume(run_to_6: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert train("--resume", str(run_to_6)) == 0
     runs = sorted(Path("outputs/3_training/runs").iterdir())
-    assert len(runs) == 2  # a new folder for the resumed run; its steps continue at 7
-    steps = []
-    for run in runs:
-        acc = EventAccumulator(str(run))
-        acc.Reload()
-        steps.append([e.step for e in acc.Scalars("train/loss")])
-    assert steps == [list(range(1, 13)), list(range(7, 13))]
+    before = EventAccumulator(str(runs[0]))
+    before.Reload()
+    assert [e.step for e in before.Scalars("train/loss")] == list(range(1, 13))
+    assert train("--resume", str(run_to_6)) == 0
+    # The same TensorBoard run continues; what the first run drew after step 6 is purged,
+    # so every step shows once (without the purge, 7-12 would show twice).
+    assert sorted(Path("outputs/3_training/runs").iterdir()) == runs
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 13))
+    history = json.loads((OUT / "checkpoint-12" / "trainer_state.json").read_text())
+    resumed = {e["step"]: e["loss"] for e in history["log_history"] if "loss" in e}
+    assert all(abs(e.value - resumed[e.step]) < 1e-6 for e in loss)
     logs = sorted(Path("outputs/logs").glob("sft_trainer_*.log"))
     assert len(logs) == 2
     text = logs[1].read_text()

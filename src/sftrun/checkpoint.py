@@ -117,6 +117,7 @@ class TrainerStateView(BaseModel):
     log_history: list[dict[str, Any]] = Field(default_factory=list)
     best_model_checkpoint: str | None = None
     run_id: str | None = None
+    tracker_runs: dict[str, str] = Field(default_factory=dict)
 
 
 def _schema_problem(exc: ValidationError) -> str:

@@ -82,6 +82,22 @@ class TrainingConfig(BaseModel):
 
     # intervals
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    report_to: list[
+        Literal[
+            "tensorboard",
+            "wandb",
+            "mlflow",
+            "aim",
+            "clearml",
+            "comet_ml",
+            "dvclive",
+            "swanlab",
+            "trackio",
+        ]
+    ] = Field(
+        ["tensorboard"],  # pydantic copies a mutable default for every config
+        description="Dashboards: tensorboard, wandb, mlflow (or another accelerate tracker).",
+    )
     save_steps: int = Field(500, gt=0, description="Commit a checkpoint every N steps.")
     eval_steps: int = Field(0, ge=0, description="Held-out loss every N steps; 0 = at end only.")
     save_total_limit: int | None = Field(None, gt=0, description="Keep at most N checkpoints.")

@@ -106,15 +106,27 @@ def close_logging() -> None:
 
 
 class Board:
-    """TensorBoard writer for one run folder; steps are global optimizer steps."""
+    """TensorBoard writer for one run folder; steps are global optimizer steps.
 
-    def __init__(self, stamp: str) -> None:
+    ``resume`` is ``(folder name, step)`` when a resume continues a run whose TensorBoard
+    folder is still in place: the same folder is written again, and TensorBoard's purge
+    hides what it holds from ``step + 1`` on (what the stopped run drew after its
+    checkpoint), so every step is shown once.
+    """
+
+    def __init__(self, stamp: str, resume: tuple[str, int] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         root = Path(C.TENSORBOARD_DIR)
         root.mkdir(parents=True, exist_ok=True)
-        self.path = unique_path(root, stamp)
-        self.writer = SummaryWriter(log_dir=str(self.path))
+        name, step = resume if resume is not None else ("", 0)
+        folder = root / name
+        self.continued = bool(
+            re.fullmatch(r"[0-9_]+", name) and folder.is_dir() and not folder.is_symlink()
+        )
+        self.path = folder if self.continued else unique_path(root, stamp)
+        purge = step + 1 if self.continued else None
+        self.writer = SummaryWriter(log_dir=str(self.path), purge_step=purge)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():

@@ -53,6 +53,7 @@ TUNABLE = {
     "max_steps": "the run's length is re-planned; the LR decay is stretched to the new end",
     "learning_rate": "the LR curve is scaled to the new peak from the resume step on",
     "logging_steps": "new interval from the resume step on",
+    "report_to": "the listed dashboards from the resume step on (each continues its own run)",
     "save_steps": "new interval from the resume step on",
     "eval_steps": "new interval from the resume step on",
     "save_total_limit": "new limit at the next save",

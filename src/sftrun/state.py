@@ -33,6 +33,7 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)
     run_id: str = field(default_factory=new_run_id)
     tensorboard_runs: list[str] = field(default_factory=list)
+    tracker_runs: dict[str, str] = field(default_factory=dict)  # tracker -> its run id
 
     def to_dict(
         self, cfg: TrainingConfig, *, n_train: int, planned: int, global_batch: int
@@ -64,6 +65,7 @@ class TrainState:
             "resumed_from": self.resumed_from,
             "run_id": self.run_id,
             "tensorboard_runs": self.tensorboard_runs,
+            "tracker_runs": self.tracker_runs,
         }
 
     @classmethod
@@ -83,4 +85,5 @@ class TrainState:
             resumed_from=list(data.get("resumed_from", [])),
             run_id=str(data.get("run_id") or new_run_id()),
             tensorboard_runs=[str(n) for n in data.get("tensorboard_runs", [])],
+            tracker_runs={str(k): str(v) for k, v in (data.get("tracker_runs") or {}).items()},
         )

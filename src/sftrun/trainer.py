@@ -40,7 +40,6 @@ from sftrun.modeling import (
     trainable_parameters,
 )
 from sftrun.monitor import (
-    Board,
     close_logging,
     fmt_bytes,
     mark_superseded_boards,
@@ -51,6 +50,7 @@ from sftrun.monitor import (
 )
 from sftrun.plan import RunPlan, make_plan, recheck_folder
 from sftrun.sampler import step_indices
+from sftrun.trackers import Dashboards, Start, flatten
 
 log = logging.getLogger("sftrun")
 
@@ -416,13 +416,29 @@ def _check_optimizer_state(plan: RunPlan, params: list[torch.nn.Parameter]) -> N
         )
 
 
-def _open_board(plan: RunPlan, accelerator: Any, stamp: str, summary: str) -> Board | None:
+def _open_board(plan: RunPlan, accelerator: Any, stamp: str, summary: str) -> Dashboards | None:
+    """The run's dashboards (process 0), each continuing its own run when resuming."""
     if not accelerator.is_main_process:
         return None
-    board = Board(stamp)
-    plan.state.tensorboard_runs.append(board.path.name)
-    board.text("config", f"```\n{summary}\n```", plan.state.global_step)
-    log.info("TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path)
+    state = plan.state
+    start = Start(
+        name=state.run_id,
+        config=flatten(config_to_dict(plan.cfg)),
+        step=state.global_step,
+        runs=dict(state.tracker_runs),
+        overrides={k: f"{was!r} -> {now!r}" for k, was, now in plan.overrides},
+        resumed_from=list(state.resumed_from),
+        boards=list(state.tensorboard_runs),
+    )
+    board = Dashboards(plan.cfg.report_to, start, stamp)
+    state.tracker_runs.update(board.run_ids())
+    if board.board is not None:
+        if not board.board.continued:
+            state.tensorboard_runs.append(board.board.path.name)
+        board.text("config", f"```\n{summary}\n```", state.global_step)
+        log.info(
+            "TensorBoard: tensorboard --logdir %s (this run: %s)", C.TENSORBOARD_DIR, board.path
+        )
     return board
 
 
@@ -436,7 +452,7 @@ class _Loop:
     loss_module: Any
     optimizer: Any
     peft_model: Any
-    board: Board | None
+    board: Dashboards | None
     train_seconds: float = 0.0
     train_tokens: int = 0
     saved_here: Path | None = None  # the last checkpoint this process committed
