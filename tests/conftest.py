@@ -26,10 +26,10 @@ CHATML = (
 )
 
 
-def build_tiny_model(out: Path, sample_texts: list[str]) -> Path:
-    """A 2-layer Llama with a byte-level BPE tokenizer trained on ``sample_texts``."""
+def tiny_tokenizer(sample_texts: list[str]) -> Any:
+    """A byte-level BPE tokenizer trained on ``sample_texts``, with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
@@ -49,21 +49,48 @@ def build_tiny_model(out: Path, sample_texts: list[str]) -> Path:
         bos_token="<|im_start|>",
     )
     fast.chat_template = CHATML
-    config = LlamaConfig(
+    return fast
+
+
+# Tiny configs per architecture family (2 layers, hidden 32); the rest is each family's own.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "attention_dropout": 0.1}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
+    "gemma2": (
+        "Gemma2Config",
+        {"num_key_value_heads": 2, "head_dim": 8, "query_pre_attn_scalar": 8},
+    ),
+    "phi3": ("Phi3Config", {"num_key_value_heads": 2}),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"rotary_pct": 0.5, "attention_dropout": 0.1, "hidden_dropout": 0.1},
+    ),
+}
+
+
+def build_tiny_model(out: Path, sample_texts: list[str], family: str = "llama") -> Path:
+    """A random 2-layer model of ``family`` with the tiny tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    fast = tiny_tokenizer(sample_texts)
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, name)(
         vocab_size=len(fast),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.bos_token_id,
+        **extra,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     fast.save_pretrained(out)

@@ -298,6 +298,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"wrote {report['path']}: merged model + tokenizer; reloaded with transformers, max "
         f"logit difference to the adapter model {report['max_abs_logit_diff']:.1e}"
     )
+    if report["note"]:
+        print(report["note"])
     return 0
 
 

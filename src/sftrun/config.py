@@ -27,10 +27,24 @@ class LoraSettings(BaseModel):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
+    target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(ALL_LINEAR),
         min_length=1,
-        description="Names of the linear layers that get an adapter.",
+        description="Names of the linear layers that get an adapter, or all-linear (every "
+        "linear layer but the output head, resolved per architecture by PEFT).",
+    )
+
+
+class QuantizationSettings(BaseModel):
+    """A k-bit frozen base (QLoRA) through bitsandbytes; part of the model's identity."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    bits: Literal[4, 8] = Field(4, description="4 (QLoRA) or 8.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Also quantize the 4-bit scales.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Dtype of the 4-bit matmuls; null: the run's compute precision."
     )
 
 
@@ -123,6 +137,11 @@ class TrainingConfig(BaseModel):
         None,
         description="Also copy every checkpoint here (a path or URL such as s3://bucket/run).",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in backward (non-reentrant): less "
+        "memory, about a third more compute, the same numbers.",
+    )
     ddp_timeout: int = Field(
         600, gt=0, description="Seconds a multi-process launch waits for every process."
     )
@@ -135,6 +154,9 @@ class TrainingConfig(BaseModel):
         "auto", description="Model backend: Unsloth where it imports and CUDA is there."
     )
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
+    quantization: QuantizationSettings | None = Field(
+        None, description="A k-bit frozen base (QLoRA); null: the base in the compute dtype."
+    )
 
     @model_validator(mode="after")
     def _check_length(self) -> TrainingConfig:

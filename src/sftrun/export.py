@@ -126,7 +126,14 @@ def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[st
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)  # made above by this call
-    return {"path": str(target), "max_abs_logit_diff": diff}
+    quant = loaded.args.get("quantization")
+    note = (
+        f"a QLoRA adapter (trained on a {quant.get('bits')}-bit base) merged into the "
+        "full-precision base, the usual QLoRA export"
+        if isinstance(quant, dict)
+        else ""
+    )
+    return {"path": str(target), "max_abs_logit_diff": diff, "note": note}
 
 
 def _export_marker(ckpt: str | Path) -> dict[str, Any]:

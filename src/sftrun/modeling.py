@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sftrun import constants as C
-from sftrun.config import LoraSettings
+from sftrun.config import LoraSettings, QuantizationSettings
 from sftrun.errors import ModelError
 from sftrun.fastlora import use_fast_lora
 
@@ -202,7 +202,7 @@ def lora_config(settings: LoraSettings, base_path: str) -> Any:
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=_targets(settings),
         task_type=TaskType.CAUSAL_LM,
         base_model_name_or_path=base_path,
     )
@@ -215,8 +215,11 @@ def load_lora_model(
     compute_dtype: torch.dtype,
     max_seq_length: int,
     fast_lora: bool = True,
+    gradient_checkpointing: bool = False,
+    quantization: QuantizationSettings | None = None,
 ) -> Any:
-    """The base model with a freshly initialised LoRA adapter (seed the RNG first).
+    """The base model with a freshly initialised LoRA adapter (seed the RNG first), in
+    training mode.
 
     ``fast_lora`` routes LoRA layers through ``fastlora`` where it applies (see there)."""
     p = check_model_dir(path)
@@ -227,37 +230,84 @@ def load_lora_model(
             model_name=str(p),
             max_seq_length=max_seq_length,
             dtype=compute_dtype,
-            load_in_4bit=False,
+            load_in_4bit=quantization is not None and quantization.bits == 4,
+            load_in_8bit=quantization is not None and quantization.bits == 8,
         )
         return FastLanguageModel.get_peft_model(
             base,
             r=settings.r,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
-            target_modules=list(settings.target_modules),
+            target_modules=_targets(settings),
         )
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantization is not None:
+        extra["quantization_config"] = _bnb_config(quantization, compute_dtype)
     try:
         # Frozen base weights in the compute dtype; LoRA weights stay fp32 (PEFT's default).
-        base = AutoModelForCausalLM.from_pretrained(p, dtype=compute_dtype)
+        base = AutoModelForCausalLM.from_pretrained(p, dtype=compute_dtype, **extra)
     except Exception as exc:  # noqa: BLE001 - corrupt or missing weights: one user error
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(
             f"could not load the base model from {p}: {detail}; check that its weight files "
             "are complete (re-copy or re-download the folder)"
         ) from None
-    missing = [m for m in settings.target_modules if not _has_module(base, m)]
+    targets = _targets(settings)
+    missing = [m for m in targets if not _has_module(base, m)] if isinstance(targets, list) else []
     if missing:
         raise ModelError(
-            f"lora.target_modules {missing} are not layers of {p}; "
-            f"layers available: {', '.join(sorted(_linear_names(base)))}"
+            f"lora.target_modules {missing} are not layers of {p}; layers available: "
+            f"{', '.join(sorted(_linear_names(base)))} (or lora.target_modules=all-linear)"
         )
+    if quantization is not None:  # norms and embeddings to fp32, as QLoRA trains them
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = get_peft_model(base, lora_config(settings, str(path)))
+    if gradient_checkpointing:
+        # Non-reentrant: no input that requires grad is needed, and the recomputation
+        # replays the saved RNG state, so dropout draws the same masks.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # the whole model, as HF Trainer does: from_pretrained leaves it in eval mode
     if fast_lora:
         use_fast_lora(model)
     return model
+
+
+def _bnb_config(q: QuantizationSettings, compute_dtype: torch.dtype) -> Any:
+    """transformers' BitsAndBytesConfig for ``q``; a clear error without bitsandbytes."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            "quantization needs bitsandbytes, which is not installed; "
+            "pip install 'sftrun[qlora]' (or remove quantization from the config)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, q.compute_dtype) if q.compute_dtype else compute_dtype
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def _targets(settings: LoraSettings) -> list[str] | str:
+    return (
+        settings.target_modules
+        if isinstance(settings.target_modules, str)
+        else list(settings.target_modules)
+    )
+
+
+def resolved_targets(peft_model: Any) -> list[str]:
+    """The layer names the adapter was put on (``all-linear`` resolved by PEFT)."""
+    return sorted(peft_model.peft_config["default"].target_modules)
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -342,5 +392,8 @@ class LabelOnlyLoss(nn.Module):
         targets = labels[:, 1:]
         mask = targets != C.IGNORE_INDEX
         logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        cap = getattr(base.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2/3 squash the logits after the head (their forward does it there)
+            logits = torch.tanh(logits / cap) * cap
         loss_sum = nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
         return loss_sum, mask.sum()

@@ -187,17 +187,25 @@ def _data_line(name: str, value: str | list[str], data: TokenizedData) -> str:
 
 
 def run_summary(
-    plan: RunPlan, *, trainable: int, total: int, checkpoint_bytes: int, log_file: Path
+    plan: RunPlan,
+    *,
+    trainable: int,
+    total: int,
+    checkpoint_bytes: int,
+    log_file: Path,
+    targets: list[str],
 ) -> str:
-    """The summary printed (and logged) before training starts."""
+    """The summary printed (and logged) before training starts; ``targets`` are the layers
+    the adapter is on."""
     cfg, sched, lora = plan.cfg, plan.schedule, plan.cfg.lora
+    on = ", ".join(targets) + (" (all-linear)" if lora.target_modules == "all-linear" else "")
     lines = [
         "sftrun: LoRA fine-tuning",
         f"  {'model':<12} {cfg.model_name_or_path} "
         f"(backend {plan.backend.name}: {plan.backend.reason})",
         f"  {'trainable':<12} {fmt_count(trainable)} of {fmt_count(total)} parameters; LoRA "
         f"r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on "
-        f"{', '.join(lora.target_modules)}",
+        f"{on}" + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""),
         _data_line("train data", cfg.train_file, plan.train_data),
     ]
     if plan.eval_data is not None and cfg.eval_file:

@@ -226,6 +226,14 @@ def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) ->
     """``parallel: fsdp``: a note in one process; refused for an Unsloth model."""
     if plan.cfg.parallel == "fsdp" and plan.world == 1 and not preview:
         plan.notes.append("parallel: fsdp in one process: nothing to shard, trained as usual")
+    if plan.sharded and plan.cfg.quantization is not None:
+        _refuse(
+            refusals,
+            ConfigError(
+                "parallel: fsdp cannot shard a quantized base; use parallel: ddp with "
+                "quantization, or remove quantization"
+            ),
+        )
     if plan.sharded and plan.backend.name == "unsloth":
         _refuse(
             refusals,

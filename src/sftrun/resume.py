@@ -40,6 +40,7 @@ IDENTITY = {
     "seed": "equal",
     "dtype": "the resolved precision is equal",
     "lora": "every LoRA setting is equal",
+    "quantization": "every quantization setting is equal, and k-bit preparation ran alike",
 }
 # Settings that shape the tokens the data becomes; a change is reported as itself, not also
 # as changed data.
@@ -68,6 +69,7 @@ TUNABLE = {
     "per_device_eval_batch_size": "new value for evaluation",
     "backend": "new value (same weights either way)",
     "ddp_timeout": "new value for this launch",
+    "gradient_checkpointing": "new value from the resume step on (the same numbers either way)",
     "parallel": "new value for this launch (same adapter and optimizer files either way)",
     "mirror_to": "checkpoints from the resume step on are copied there",
 }
@@ -109,6 +111,12 @@ def build_identity(
         "base_model_sha256": base_model_sha256,
         "tokenizer_sha256": tokenizer_sha256,
         "lora": cfg.lora.model_dump(mode="json"),
+        # Absent (None) without quantization, as in checkpoints written before it existed.
+        "quantization": (
+            {**cfg.quantization.model_dump(mode="json"), "kbit_prepared": True}
+            if cfg.quantization is not None
+            else None
+        ),
         "max_seq_length": cfg.max_seq_length,
         "dtype": dtype,
         "packing": False,
@@ -118,11 +126,12 @@ def build_identity(
     }
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: {"lora": {"r": 8}} -> {"lora.r": 8}."""
     flat: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -150,7 +159,7 @@ def identity_differences(
     checkpoint's rendering equals the checkpoint's), those settings are listed instead of a
     changed data fingerprint.
     """
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     diffs = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if same_content and old_render is not None and new_render is not None:
         diffs = [d for d in diffs if d[0] != "data_fingerprint"]

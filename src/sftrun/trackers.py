@@ -52,16 +52,6 @@ class Start:
     boards: list[str] = field(default_factory=list)  # TensorBoard folders, the last one last
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class _WandB:
     """A W&B run with the sftrun run id as its id; a resume rewinds it (``resume_from``)."""
 

@@ -36,6 +36,7 @@ from sftrun.hooks import RunHooks
 from sftrun.modeling import (
     LabelOnlyLoss,
     load_lora_model,
+    resolved_targets,
     restore_adapter,
     trainable_parameters,
 )
@@ -49,8 +50,9 @@ from sftrun.monitor import (
     timestamp,
 )
 from sftrun.plan import RunPlan, make_plan, recheck_folder
+from sftrun.resume import flatten
 from sftrun.sampler import step_indices
-from sftrun.trackers import Dashboards, Start, flatten
+from sftrun.trackers import Dashboards, Start
 
 log = logging.getLogger("sftrun")
 
@@ -175,6 +177,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         total=model.n_total,
         checkpoint_bytes=model.checkpoint_bytes,
         log_file=log_file,
+        targets=resolved_targets(model.peft_model),
     )
     log.info("%s", summary)
     log.info("resolved config: %s", config_to_dict(cfg))
@@ -309,6 +312,8 @@ def _build_model(plan: RunPlan, hooks: RunHooks) -> _Model:
         compute_dtype,
         cfg.max_seq_length,
         fast_lora=hooks.fast_lora,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        quantization=cfg.quantization,
     )
     params = trainable_parameters(peft_model)
     n_total = sum(p.numel() for p in peft_model.parameters())
