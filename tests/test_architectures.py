@@ -131,3 +131,50 @@ def test_gradient_checkpointing_is_on_in_every_layer(tiny_model: Path) -> None:
         layer.gradient_checkpointing
         for layer in _load(tiny_model, lora).get_base_model().model.layers
     )
+
+
+def _without_template(tiny_model: Path, tmp_path: Path) -> Path:
+    import json
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    return bare
+
+
+def test_a_model_without_a_chat_template_needs_one_for_chat_data_only(
+    tiny_model: Path, sample_dir: Path, workdir: Path, capsys
+) -> None:
+    from sftrun.cli import main
+
+    bare = _without_template(tiny_model, workdir)
+    write_config(
+        workdir / "config.yaml",
+        tiny_settings(bare, sample_dir, eval_file=None, max_steps=1),
+    )
+    assert main(["train", "-y", "--config", "config.yaml"]) == 3
+    err = capsys.readouterr().err
+    assert "train.jsonl:1: a chat record, but the model's tokenizer has no chat template" in err
+    assert "set chat_template: chatml" in err and not (workdir / OUT).exists()
+    (workdir / "tmpl.jinja").write_text((tiny_model / "chat_template.jinja").read_text())
+    for template in ("chatml", "tmpl.jinja"):
+        out = f"checkpoints/{template}"
+        args = [f"chat_template={template}", f"output_dir={out}"]
+        assert main(["train", "-y", "--config", "config.yaml", *args]) == 0
+    # The same template by name or by file: the same tokens, the same adapter.
+    assert_same_tensors(
+        adapter(workdir / "checkpoints/chatml/checkpoint-1"),
+        adapter(workdir / "checkpoints/tmpl.jinja/checkpoint-1"),
+    )
+    (workdir / "text.jsonl").write_text('{"text": "plain text needs no template"}\n' * 4)
+    args = ["train_file=text.jsonl", "output_dir=checkpoints/text"]
+    assert main(["train", "-y", "--config", "config.yaml", *args]) == 0
+    missing = ["chat_template=nothing.jinja", "output_dir=checkpoints/x"]
+    assert main(["train", "-y", "--config", "config.yaml", *missing]) == 5
+    assert "chat_template 'nothing.jinja' is neither a file nor a known template" in (
+        capsys.readouterr().err
+    )

@@ -255,7 +255,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sftrun.modeling import load_tokenizer, tokenizer_sha256
 
     cfg = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
     train, held_out = prepare_data(cfg, tokenizer, tokenizer_sha256(tokenizer))
     for name, data in (("train", train), ("eval", held_out)):
         if data is not None:

@@ -65,6 +65,11 @@ class TrainingConfig(BaseModel):
     eval_file: str | list[str] | None = Field(
         "data/sample/eval.jsonl", min_length=1, description="Held-out data (as train_file) or null."
     )
+    chat_template: str | None = Field(
+        None,
+        description="Replace the tokenizer's chat template: a known name (chatml) or a path "
+        "to a Jinja file; null: the tokenizer's own.",
+    )
     output_dir: str = Field(C.DEFAULT_OUTPUT_DIR, description="Where checkpoint-<step>/ go.")
     max_seq_length: int = Field(512, gt=8, description="Longest tokenized example.")
     overlong: Literal["truncate", "drop"] = Field(

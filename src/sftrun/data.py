@@ -448,6 +448,12 @@ def assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple
     A span runs from the end of the generation prompt to the end of that reply as the
     template renders it (so it includes the end-of-turn token the model must learn).
     """
+    if not tokenizer.chat_template:
+        raise DataError(
+            f"{conv.source}: a chat record, but the model's tokenizer has no chat template; "
+            "set chat_template: chatml (or a path to a Jinja file), or use text or plain "
+            "prompt-completion records"
+        )
     full = _render(tokenizer, conv.messages, False)
     spans = []
     for i, msg in enumerate(conv.messages):

@@ -54,7 +54,7 @@ def load_adapter_model(ckpt: str | Path, base: str | None = None) -> Loaded:
             f"{base_path} is not the base model {ckpt} was trained on (weights differ); "
             "pass --base with the original model folder"
         )
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = load_tokenizer(base_path, args.get("chat_template"))
     model = load_lora_model(
         base_path, LoraSettings(**args["lora"]), PLAIN, torch.float32, args["max_seq_length"]
     )
@@ -80,9 +80,11 @@ def _base_model_path(args: dict[str, Any], want: str | None, ckpt: str | Path) -
     )
 
 
-def load_base_model(config_lora: LoraSettings, base_path: str, max_seq_length: int) -> Loaded:
+def load_base_model(
+    config_lora: LoraSettings, base_path: str, max_seq_length: int, chat_template: str | None
+) -> Loaded:
     """The base model behind a fresh adapter (LoRA B = 0), which computes exactly the base."""
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = load_tokenizer(base_path, chat_template)
     model = load_lora_model(base_path, config_lora, PLAIN, torch.float32, max_seq_length)
     model.eval()
     return Loaded(model, tokenizer, base_path, {}, {})
@@ -209,6 +211,11 @@ def chat(
     from transformers import TextStreamer
 
     tok = loaded.tokenizer
+    if not tok.chat_template:
+        raise ModelError(
+            f"{loaded.base_path}: the tokenizer has no chat template and the run set none "
+            "(chat_template); chat needs one"
+        )
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     turns = [prompt] if prompt is not None else None

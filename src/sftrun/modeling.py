@@ -157,7 +157,36 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def load_tokenizer(path: str | Path) -> Any:
+# Templates a config may name instead of a file (chat_template: chatml).
+KNOWN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def _template_text(chat_template: str) -> str:
+    """The Jinja text of a known template name or of a template file."""
+    if chat_template in KNOWN_TEMPLATES:
+        return KNOWN_TEMPLATES[chat_template]
+    path = Path(chat_template)
+    if not path.is_file():
+        raise ModelError(
+            f"chat_template {chat_template!r} is neither a file nor a known template "
+            f"({', '.join(KNOWN_TEMPLATES)}); give a path to a Jinja file or a known name"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"chat_template {path}: cannot be read as UTF-8 text ({exc})") from None
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
+    """The model's tokenizer; ``chat_template`` (a known name or a Jinja file) replaces its
+    chat template. A tokenizer without one is fine for raw-text data; chat records then fail
+    with a message that names this setting (``data.assistant_spans``)."""
     from transformers import AutoTokenizer
 
     p = check_model_dir(path)
@@ -169,8 +198,8 @@ def load_tokenizer(path: str | Path) -> Any:
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); the folder needs "
             "tokenizer.json or tokenizer_config.json with its vocabulary files"
         ) from None
-    if not tokenizer.chat_template:
-        raise ModelError(f"{p}: the tokenizer has no chat template; add one to tokenizer_config")
+    if chat_template is not None:
+        tokenizer.chat_template = _template_text(chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -171,7 +171,7 @@ def make_plan(
     )
     payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
 
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
     tok_sha = tokenizer_sha256(tokenizer)
     with processes.main_process_first() if processes else contextlib.nullcontext():
         train_data, eval_data = prepare_data(

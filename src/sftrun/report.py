@@ -148,7 +148,7 @@ def run_eval(
         results[ckpt.resolve().name] = evaluate_model(cfg, loaded, ckpt.resolve().name)
     if with_base or ckpt is None:
         results["base"] = evaluate_model(
-            cfg, load_base_model(cfg.lora, base_path, cfg.max_seq_length), "base"
+            cfg, load_base_model(cfg.lora, base_path, cfg.max_seq_length, cfg.chat_template), "base"
         )
     label = name or (ckpt.resolve().name if ckpt is not None else "base")
     out = EVAL_DIR / label

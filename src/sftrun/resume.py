@@ -40,6 +40,7 @@ IDENTITY = {
     "seed": "equal",
     "dtype": "the resolved precision is equal",
     "lora": "every LoRA setting is equal",
+    "chat_template": "the template text is equal (part of the tokenizer's sha256)",
     "quantization": "every quantization setting is equal, and k-bit preparation ran alike",
 }
 # Settings that shape the tokens the data becomes; a change is reported as itself, not also
