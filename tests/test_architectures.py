@@ -178,3 +178,33 @@ def test_a_model_without_a_chat_template_needs_one_for_chat_data_only(
     assert "chat_template 'nothing.jinja' is neither a file nor a known template" in (
         capsys.readouterr().err
     )
+
+
+def test_two_unsloth_versions_are_refused_but_switching_the_backend_is_not() -> None:
+    from sftrun.resume import identity_differences
+
+    plain = {"seed": 1, "unsloth_version": None}
+    old, new = {**plain, "unsloth_version": "2026.1"}, {**plain, "unsloth_version": "2026.3"}
+    assert identity_differences(old, new) == [("unsloth_version", "2026.1", "2026.3")]
+    assert identity_differences(old, plain) == [] and identity_differences(plain, new) == []
+
+
+def test_unsloth_in_a_multi_process_launch_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from sftrun.modeling import Backend
+    from sftrun.plan import _check_parallel
+
+    plan = SimpleNamespace(
+        cfg=SimpleNamespace(parallel="ddp", quantization=None),
+        world=2,
+        sharded=False,
+        backend=Backend("unsloth", "Unsloth imported with CUDA available", "2026.1"),
+        notes=[],
+    )
+    refusals: list[str] = []
+    _check_parallel(plan, refusals, preview=False)
+    assert refusals == [
+        "Unsloth trains in one process, and this launch has 2; pass --no-unsloth (or "
+        "backend: plain), or launch one process"
+    ]

@@ -135,7 +135,7 @@ class TrainingConfig(BaseModel):
     seed: int = Field(
         42, ge=0, lt=2**32, description="Seeds LoRA init, data order and dropout (0 to 2^32-1)."
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute precision: auto = fp32 on CPU, bf16 autocast on CUDA."
     )
     mirror_to: str | None = Field(

@@ -209,6 +209,7 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
 class Backend:
     name: str  # "unsloth" | "plain"
     reason: str
+    version: str | None = None  # Unsloth's, which joins the run's identity
 
 
 def select_backend(requested: str, no_unsloth: bool) -> Backend:
@@ -221,7 +222,9 @@ def select_backend(requested: str, no_unsloth: bool) -> Backend:
         return Backend(
             "plain", "Unsloth is not installed (pip install '.[unsloth]'); using transformers"
         )
-    return Backend("unsloth", "Unsloth imported with CUDA available")
+    from importlib.metadata import version
+
+    return Backend("unsloth", "Unsloth imported with CUDA available", version("unsloth"))
 
 
 def lora_config(settings: LoraSettings, base_path: str) -> Any:

@@ -186,6 +186,19 @@ def _data_line(name: str, value: str | list[str], data: TokenizedData) -> str:
     )
 
 
+def _precision(plan: RunPlan) -> str:
+    """The precision actually used, as the summary says it."""
+    text = {
+        "bfloat16": "bfloat16 (autocast)",
+        "float16": "float16 (autocast, loss scaling)",
+    }.get(plan.dtype, plan.dtype)
+    q = plan.cfg.quantization
+    if q is not None:
+        kind = f"{q.bits}-bit {q.quant_type}" if q.bits == 4 else "8-bit"
+        text += f"; base {kind} (bitsandbytes)"
+    return text + "; LoRA weights float32"
+
+
 def run_summary(
     plan: RunPlan,
     *,
@@ -215,7 +228,7 @@ def run_summary(
         f"{cfg.gradient_accumulation_steps} accumulation x {plan.world} process(es)"
         f"{' (fsdp: the frozen base sharded over them)' if plan.sharded else ''} = "
         f"{plan.global_batch} examples per step; max_seq_length {cfg.max_seq_length}; "
-        f"{plan.dtype}",
+        f"{_precision(plan)}",
         f"  {'length':<12} {plan.planned} steps = {plan.epochs:.2f} epochs; LR "
         f"{sched.peak_lr:g} {sched.kind}, warm-up {sched.warmup_steps} steps",
         f"  {'checkpoints':<12} {plan.out}/checkpoint-<step> every {cfg.save_steps} steps and "

@@ -177,9 +177,6 @@ def make_plan(
         train_data, eval_data = prepare_data(
             cfg, tokenizer, tok_sha, report=not preview and distributed.rank() == 0
         )
-    eval_convs = (
-        read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None] if cfg.eval_file else []
-    )
     world = processes.num_processes if processes else _saved_world(payload)
     dtype = resolved_dtype(cfg, torch.cuda.is_available())
     identity = build_identity(
@@ -189,6 +186,7 @@ def make_plan(
         data_fingerprint=train_data.fingerprint,
         dtype=dtype,
         world_size=world,
+        unsloth_version=(backend := select_backend(cfg.backend, no_unsloth)).version,
     )
     batch = global_batch_size(cfg, world)
     planned = total_steps(len(train_data), batch, cfg.num_train_epochs, cfg.max_steps)
@@ -196,11 +194,11 @@ def make_plan(
         cfg=cfg,
         dtype=dtype,
         out=out,
-        backend=select_backend(cfg.backend, no_unsloth),
+        backend=backend,
         tokenizer=tokenizer,
         train_data=train_data,
         eval_data=eval_data,
-        eval_convs=eval_convs,
+        eval_convs=_eval_convs(cfg),
         identity=identity,
         world=world,
         global_batch=batch,
@@ -222,8 +220,16 @@ def make_plan(
     return plan
 
 
+def _eval_convs(cfg: TrainingConfig) -> list[Conversation]:
+    """The held-out records generation accuracy scores (``eval_max_samples`` of them)."""
+    if not cfg.eval_file:
+        return []
+    return read_conversations(cfg.eval_file)[: cfg.eval_max_samples or None]
+
+
 def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) -> None:
-    """``parallel: fsdp``: a note in one process; refused for an Unsloth model."""
+    """``parallel: fsdp``: a note in one process; refused for a quantized base. Unsloth:
+    refused with several processes."""
     if plan.cfg.parallel == "fsdp" and plan.world == 1 and not preview:
         plan.notes.append("parallel: fsdp in one process: nothing to shard, trained as usual")
     if plan.sharded and plan.cfg.quantization is not None:
@@ -234,12 +240,12 @@ def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) ->
                 "quantization, or remove quantization"
             ),
         )
-    if plan.sharded and plan.backend.name == "unsloth":
+    if plan.world > 1 and plan.backend.name == "unsloth":
         _refuse(
             refusals,
             ConfigError(
-                "parallel: fsdp cannot shard an Unsloth model; "
-                "pass --no-unsloth or use parallel: ddp"
+                f"Unsloth trains in one process, and this launch has {plan.world}; pass "
+                "--no-unsloth (or backend: plain), or launch one process"
             ),
         )
 

@@ -105,8 +105,11 @@ def build_identity(
     data_fingerprint: str,
     dtype: str,
     world_size: int,
+    unsloth_version: str | None = None,
 ) -> dict[str, Any]:
-    """The settings a checkpoint is bound to; all must match on resume."""
+    """The settings a checkpoint is bound to; all must match on resume. ``unsloth_version``
+    (the Unsloth backend's) is compared only when both runs used Unsloth: an Unsloth update
+    between save and resume changed its users' losses (unsloth#5037)."""
     return {
         "base_model": cfg.model_name_or_path,
         "base_model_sha256": base_model_sha256,
@@ -124,6 +127,7 @@ def build_identity(
         "seed": cfg.seed,
         "global_batch_size": global_batch_size(cfg, world_size),
         "data_fingerprint": data_fingerprint,
+        "unsloth_version": unsloth_version,
     }
 
 
@@ -162,6 +166,8 @@ def identity_differences(
     """
     a, b = flatten(old), flatten(new)
     diffs = [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # Switching the backend is allowed (TUNABLE); two Unsloth versions are not.
+    diffs = [d for d in diffs if d[0] != "unsloth_version" or None not in d[1:]]
     if same_content and old_render is not None and new_render is not None:
         diffs = [d for d in diffs if d[0] != "data_fingerprint"]
         named = {k for k, _, _ in diffs}

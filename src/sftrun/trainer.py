@@ -30,7 +30,7 @@ from sftrun import checkpoint, distributed, mirror, rng, runlock
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import collate
-from sftrun.errors import DiskSpaceError, DivergenceError, SftrunError
+from sftrun.errors import CheckpointError, DiskSpaceError, DivergenceError, SftrunError
 from sftrun.evaluate import eval_loss, generation_accuracy
 from sftrun.hooks import RunHooks
 from sftrun.modeling import (
@@ -215,6 +215,7 @@ def _train_run(
     loss_module, optimizer = _place(plan, accelerator, model, opts.hooks.make_loss or LabelOnlyLoss)
     board = _open_board(plan, accelerator, stamp, summary)
     ctx = _Loop(plan, opts, accelerator, loss_module, optimizer, model.peft_model, board)
+    ctx.scaler = _loss_scaler(plan, accelerator)
     if plan.cfg.mirror_to and accelerator.is_main_process:
         ctx.uploader = mirror.Uploader(mirror.Remote(plan.cfg.mirror_to), plan.state.run_id)
     try:
@@ -231,6 +232,24 @@ def _train_run(
         raise
     _finish_uploads(ctx)
     return _finish(ctx, stopper, log_file, t0)
+
+
+def _loss_scaler(plan: RunPlan, acc: Any) -> Any:
+    """float16: a GradScaler, restored from the checkpoint when resuming (never reset
+    silently: a missing state is a refusal)."""
+    if plan.dtype != "float16":
+        return None
+    scaler = torch.amp.GradScaler(acc.device.type)
+    if plan.payload is not None:
+        state = plan.payload.scheduler_state.get("scaler")
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{plan.ckpt_path}: {C.SCHEDULER_FILE} has no loss-scaler state, which a "
+                "float16 run needs to resume exactly; resume from a checkpoint written by "
+                "this float16 run"
+            )
+        scaler.load_state_dict(state)
+    return scaler
 
 
 def _finish_uploads(ctx: _Loop) -> None:
@@ -304,7 +323,7 @@ def _build_model(plan: RunPlan, hooks: RunHooks) -> _Model:
     """Base model with a LoRA adapter; its init is seeded (a resume overwrites it)."""
     cfg = plan.cfg
     rng.seed_everything(cfg.seed)
-    compute_dtype = torch.bfloat16 if plan.dtype == "bfloat16" else torch.float32
+    compute_dtype = getattr(torch, plan.dtype)  # the frozen base; LoRA weights stay fp32
     peft_model = load_lora_model(
         cfg.model_name_or_path,
         cfg.lora,
@@ -462,10 +481,19 @@ class _Loop:
     train_tokens: int = 0
     saved_here: Path | None = None  # the last checkpoint this process committed
     uploader: mirror.Uploader | None = None  # process 0 with mirror_to set
+    scaler: Any = None  # torch.amp.GradScaler with dtype float16
 
     @property
     def cfg(self) -> TrainingConfig:
         return self.plan.cfg
+
+    def autocast(self) -> Any:
+        """The forward's precision: accelerate's bf16 autocast, or our fp16 one (accelerate
+        has no fp16 on the CPU, so float16 uses torch's autocast and GradScaler directly on
+        every device)."""
+        if self.scaler is None:
+            return self.acc.autocast()
+        return torch.autocast(self.acc.device.type, dtype=torch.float16)
 
     @property
     def hooks(self) -> RunHooks:
@@ -583,20 +611,34 @@ def _optimizer_step(ctx: _Loop) -> StepStats:
         ctx.hooks.on_batch(batch)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(ctx.loss_module)
-        with sync, acc.autocast():
+        with sync, ctx.autocast():
             loss_sum, _ = ctx.loss_module(**batch)
             # DDP averages gradients over processes, hence the factor num_processes.
-            acc.backward(loss_sum * acc.num_processes / max(1, n_labels))
+            scaled = loss_sum * acc.num_processes / max(1, n_labels)
+            acc.backward(ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled)
         loss_total += loss_sum.detach()
     params = [p for p in ctx.loss_module.parameters() if p.requires_grad]
     if plan.sharded:  # FSDP leaves the adapter to us; DDP averaged it during backward
         distributed.average_gradients(params)
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     grad_norm = float(acc.clip_grad_norm_(params, max_norm))
     loss = float(acc.reduce(loss_total, "sum")) / max(1, n_labels)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    overflow = ctx.scaler is not None and not math.isfinite(grad_norm)
+    if not math.isfinite(loss) or not (math.isfinite(grad_norm) or overflow):
         raise DivergenceError(_divergence_message(ctx, step + 1, loss, grad_norm))
-    ctx.optimizer.step()
+    if ctx.scaler is not None:  # an fp16 overflow skips the update and lowers the scale
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+        if overflow:
+            log.warning(
+                "step %d: fp16 gradients overflowed; update skipped, loss scale now %g",
+                step + 1,
+                ctx.scaler.get_scale(),
+            )
+    else:
+        ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes
     return StepStats(loss, grad_norm, lr, tokens, n_labels, time.perf_counter() - t0)
@@ -616,12 +658,14 @@ def _log_metrics(ctx: _Loop, window: MetricsWindow, last: StepStats) -> None:
     """One ``log_history`` entry (the window's mean loss), the log line and TensorBoard."""
     state = ctx.plan.state
     epoch = state.samples_seen / len(ctx.plan.train_data)
+    # An fp16 overflow (update skipped) has no finite norm; JSON and dashboards get none.
+    grad_norm = last.grad_norm if math.isfinite(last.grad_norm) else None
     entry = {
         "step": state.global_step,
         "epoch": round(epoch, 4),
         "loss": window.mean_loss(),
         "learning_rate": last.lr,
-        "grad_norm": last.grad_norm,
+        "grad_norm": grad_norm,
         "tokens_per_second": window.tokens_per_second(),
     }
     state.log_history.append(entry)
@@ -636,16 +680,14 @@ def _log_metrics(ctx: _Loop, window: MetricsWindow, last: StepStats) -> None:
         entry["tokens_per_second"],
     )
     if ctx.board is not None:
-        ctx.board.scalars(
-            state.global_step,
-            {
-                "train/loss": entry["loss"],
-                "train/learning_rate": last.lr,
-                "train/grad_norm": last.grad_norm,
-                "train/tokens_per_second": entry["tokens_per_second"],
-                "train/epoch": epoch,
-            },
-        )
+        values = {
+            "train/loss": entry["loss"],
+            "train/learning_rate": last.lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_second": entry["tokens_per_second"],
+            "train/epoch": epoch,
+        }
+        ctx.board.scalars(state.global_step, {k: v for k, v in values.items() if v is not None})
 
 
 def _divergence_message(ctx: _Loop, step: int, loss: float, grad_norm: float) -> str:
@@ -693,7 +735,7 @@ def _report_accuracy(ctx: _Loop, when: str) -> float | None:
     if not (ctx.acc.is_main_process or plan.sharded):
         return None
     # A sharded model runs only when every process runs it: all generate, in step.
-    with ctx.acc.autocast():
+    with ctx.autocast():
         result = generation_accuracy(
             ctx.peft_model,
             plan.tokenizer,
@@ -723,7 +765,7 @@ def _report_accuracy(ctx: _Loop, when: str) -> float | None:
 def _evaluate(ctx: _Loop) -> None:
     assert ctx.plan.eval_data is not None
     state = ctx.plan.state
-    with ctx.acc.autocast():
+    with ctx.autocast():
         value = eval_loss(
             ctx.loss_module,
             ctx.plan.eval_data,
@@ -757,7 +799,10 @@ def _payload(ctx: _Loop, rng_states: list[dict[str, Any]]) -> checkpoint.Checkpo
         adapter_state=get_peft_model_state_dict(ctx.peft_model),
         adapter_config=adapter_config,
         optimizer_state=ctx.optimizer.state_dict(),
-        scheduler_state={"schedule": plan.schedule.to_dict()},
+        scheduler_state={
+            "schedule": plan.schedule.to_dict(),
+            **({"scaler": ctx.scaler.state_dict()} if ctx.scaler is not None else {}),
+        },
         trainer_state=state.to_dict(
             ctx.cfg,
             n_train=len(plan.train_data),

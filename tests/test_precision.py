@@ -1,0 +1,94 @@
+"""Precision: float16 with a loss scaler whose state is checkpointed (torch's GradScaler runs
+on the CPU), bfloat16 autocast on the CPU when asked, and the summary naming what is used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import tiny_settings, write_config
+from tests.runs import adapter, assert_same_tensors, run_sftrun, trainer_state
+
+from sftrun.cli import main
+from sftrun.hooks import RunHooks
+from sftrun.modeling import LabelOnlyLoss
+
+OUT = Path("checkpoints/sft_model")
+
+
+def _scaler(ckpt: Path) -> dict:
+    return torch.load(ckpt / "scheduler.pt", weights_only=True)["scaler"]
+
+
+@pytest.mark.slow
+def test_float16_resumes_bit_exactly_with_its_loss_scale(
+    tiny_model: Path, sample_dir: Path, tmp_path: Path
+) -> None:
+    settings = tiny_settings(tiny_model, sample_dir, eval_file=None, max_steps=6, dtype="float16")
+    ref, cwd = tmp_path / "ref", tmp_path / "killed"
+    for folder in (ref, cwd):
+        folder.mkdir()
+        write_config(folder / "config.yaml", settings)
+    train = ["train", "-y", "--config", "config.yaml"]
+    first = run_sftrun(train, ref)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "float16 (autocast, loss scaling)" in first.stdout
+    killed = run_sftrun(train, cwd, {"SFTRUN_TEST_KILL_AFTER_STEP": "3"}, "chaos.py")
+    assert killed.returncode == -9
+    assert _scaler(cwd / OUT / "checkpoint-3")["_growth_tracker"] == 3
+    resumed = run_sftrun([*train, "--resume", "latest"], cwd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = ref / OUT / "checkpoint-6", cwd / OUT / "checkpoint-6"
+    assert_same_tensors(adapter(a), adapter(b))
+    assert _scaler(a) == _scaler(b) and _scaler(b)["_growth_tracker"] == 6
+
+
+class _OverflowOnce(LabelOnlyLoss):
+    """The label-only loss, times 1e34 in the first step (finite, but not once scaled): the scaled fp16 gradients
+    overflow, as a real fp16 run's occasionally do."""
+
+    calls = 0
+
+    def forward(self, input_ids, attention_mask, labels):
+        loss_sum, count = super().forward(input_ids, attention_mask, labels)
+        if self.training:
+            type(self).calls += 1
+        return (loss_sum * 1e34 if self.training and type(self).calls <= 2 else loss_sum), count
+
+
+def test_a_float16_overflow_skips_the_update_and_lowers_the_scale(
+    tiny_config, workdir: Path, capsys
+) -> None:
+    tiny_config(eval_file=None, max_steps=2, dtype="float16", save_steps=1)
+    hooks = RunHooks(make_loss=_OverflowOnce)
+    assert main(["train", "-y", "--config", "config.yaml"], hooks=hooks) == 0
+    out = capsys.readouterr()
+    assert "step 1: fp16 gradients overflowed; update skipped, loss scale now 32768" in out.out
+    first = adapter(OUT / "checkpoint-1")
+    assert all(torch.count_nonzero(t) == 0 for k, t in first.items() if "lora_B" in k)
+    assert _scaler(OUT / "checkpoint-2")["scale"] == 32768.0
+    history = trainer_state(OUT / "checkpoint-2")["log_history"]
+    assert history[0]["grad_norm"] is None and history[1]["grad_norm"] > 0
+
+
+def test_a_float16_checkpoint_without_scaler_state_is_refused(tiny_config, capsys) -> None:
+    from sftrun import checkpoint
+
+    tiny_config(eval_file=None, max_steps=2, save_steps=1)
+    assert main(["train", "-y", "--config", "config.yaml", "dtype=float16"]) == 0
+    payload, _ = checkpoint.load(OUT / "checkpoint-1")
+    del payload.scheduler_state["scaler"]  # as a checkpoint written without one would be
+    checkpoint.save("other", 1, payload)
+    args = ["--resume", "other/checkpoint-1", "dtype=float16", "output_dir=other", "max_steps=3"]
+    assert main(["train", "-y", "--config", "config.yaml", *args]) == 4
+    err = capsys.readouterr().err
+    assert "scheduler.pt has no loss-scaler state, which a float16 run needs" in err
+
+
+def test_bfloat16_autocast_runs_on_the_cpu_when_asked(tiny_config, workdir: Path) -> None:
+    tiny_config(eval_file=None, max_steps=1)
+    # A process of its own: accelerate keeps one precision per process.
+    proc = run_sftrun(["train", "-y", "--config", "config.yaml", "dtype=bfloat16"], workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bfloat16 (autocast); LoRA weights float32" in proc.stdout
