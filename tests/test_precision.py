@@ -45,8 +45,8 @@ def test_float16_resumes_bit_exactly_with_its_loss_scale(
 
 
 class _OverflowOnce(LabelOnlyLoss):
-    """The label-only loss, times 1e34 in the first step (finite, but not once scaled): the scaled fp16 gradients
-    overflow, as a real fp16 run's occasionally do."""
+    """The label-only loss, times 1e34 in the first step: finite, but the scaled fp16
+    gradients overflow, as a real fp16 run's occasionally do."""
 
     calls = 0
 
