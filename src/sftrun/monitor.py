@@ -207,6 +207,7 @@ def run_summary(
     checkpoint_bytes: int,
     log_file: Path,
     targets: list[str],
+    memory: str,
 ) -> str:
     """The summary printed (and logged) before training starts; ``targets`` are the layers
     the adapter is on."""
@@ -229,6 +230,7 @@ def run_summary(
         f"{' (fsdp: the frozen base sharded over them)' if plan.sharded else ''} = "
         f"{plan.global_batch} examples per step; max_seq_length {cfg.max_seq_length}; "
         f"{_precision(plan)}",
+        f"  {'memory':<12} {memory}",
         f"  {'length':<12} {plan.planned} steps = {plan.epochs:.2f} epochs; LR "
         f"{sched.peak_lr:g} {sched.kind}, warm-up {sched.warmup_steps} steps",
         f"  {'checkpoints':<12} {plan.out}/checkpoint-<step> every {cfg.save_steps} steps and "

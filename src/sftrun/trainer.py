@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint, distributed, mirror, rng, runlock
+from sftrun import checkpoint, distributed, memory, mirror, rng, runlock
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import collate
@@ -178,6 +178,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         checkpoint_bytes=model.checkpoint_bytes,
         log_file=log_file,
         targets=resolved_targets(model.peft_model),
+        memory=_memory(plan, model, accelerator),
     )
     log.info("%s", summary)
     log.info("resolved config: %s", config_to_dict(cfg))
@@ -299,6 +300,29 @@ def _make_accelerator(dtype: str) -> Any:
         cpu=not torch.cuda.is_available(),
         mixed_precision="bf16" if dtype == "bfloat16" else "no",
     )
+
+
+def _memory(plan: RunPlan, model: _Model, acc: Any) -> str:
+    """The summary's memory line; a warning (with the setting to change) if it may not fit."""
+    cfg = plan.cfg
+    e = memory.estimate(
+        model.peft_model,
+        micro_batch=cfg.per_device_train_batch_size,
+        seq_len=cfg.max_seq_length,
+        compute_bytes=4 if plan.dtype == "float32" else 2,
+        checkpointing=cfg.gradient_checkpointing,
+        device=acc.device,
+    )
+    if not e.fits():
+        log.warning(
+            "the estimated peak memory (%s) is more than %d%% of %s (%s); to fit, set %s",
+            fmt_bytes(e.total),
+            int(memory.WARN_SHARE * 100),
+            e.device,
+            fmt_bytes(e.capacity or 0),
+            memory.advice(e, cfg),
+        )
+    return memory.summary_line(e, cfg.gradient_checkpointing)
 
 
 def _confirm(summary: str) -> bool:

@@ -1,0 +1,65 @@
+"""Train 2 steps in this process and print, as JSON, how much the resident memory grew
+during training (the peak, ru_maxrss, over the resident size as step 1 starts) and what
+``sftrun.memory.estimate`` expected on top of the loaded weights.
+
+    python peak.py MODEL DATA MICRO CHECKPOINTING(0|1)
+"""
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from sftrun import memory
+from sftrun.cli import main
+from sftrun.config import LoraSettings
+from sftrun.hooks import RunHooks
+from sftrun.modeling import load_lora_model, select_backend
+
+model, data, micro, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+start = {}
+
+
+def on_step_start(step):
+    if step == 0:
+        pages = int(open("/proc/self/statm").read().split()[1])
+        start["rss"] = pages * os.sysconf("SC_PAGE_SIZE")
+
+
+settings = [
+    f"model_name_or_path={model}",
+    f"train_file={data}",
+    "eval_file=null",
+    "max_seq_length=512",
+    "max_steps=2",
+    f"per_device_train_batch_size={micro}",
+    "gradient_accumulation_steps=1",
+    "save_steps=1000",
+    f"gradient_checkpointing={'true' if checkpointing else 'false'}",
+    "report_to=[]",
+    "eval_accuracy=none",
+    "lora.r=8",
+]
+config = Path(__file__).resolve().parents[2] / "configs/training_config.yaml"
+assert (
+    main(
+        ["train", "-y", "--config", str(config), *settings],
+        hooks=RunHooks(on_step_start=on_step_start),
+    )
+    == 0
+)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start["rss"]
+lora = LoraSettings(r=8, alpha=32, dropout=0.05)
+peft = load_lora_model(model, lora, select_backend("plain", True), torch.float32, 512)
+e = memory.estimate(
+    peft,
+    micro_batch=micro,
+    seq_len=512,
+    compute_bytes=4,
+    checkpointing=checkpointing,
+    device=torch.device("cpu"),
+)
+print(json.dumps({"grown": grown, "expected": e.total - e.weights}))
