@@ -69,24 +69,31 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build_tiny_model(out: Path, sample_texts: list[str], family: str = "llama") -> Path:
-    """A random 2-layer model of ``family`` with the tiny tokenizer."""
+def build_tiny_model(
+    out: Path, sample_texts: list[str], family: str = "llama", **sizes: Any
+) -> Path:
+    """A random 2-layer model of ``family`` with the tiny tokenizer (``sizes`` override the
+    config: hidden_size=256, ...)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     fast = tiny_tokenizer(sample_texts)
     name, extra = FAMILIES[family]
+    shape = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        **sizes,
+    }
     config = getattr(transformers, name)(
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
         bos_token_id=fast.bos_token_id,
+        **shape,
         **extra,
     )
     torch.manual_seed(0)

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from tests.conftest import tiny_tokenizer
+from tests.conftest import build_tiny_model
 from tests.runs import run_sftrun
 
 from sftrun import memory
@@ -21,26 +20,10 @@ FACTOR = 1.4
 def wide_model(tmp_path_factory, sample_dir: Path) -> tuple[Path, Path]:
     """A 4-layer Llama wide enough (hidden 256, MLP 1024) that activations at 512 tokens
     dominate, and text records that fill 512 tokens."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     texts = (sample_dir / "train.jsonl").read_text().splitlines()
     root = tmp_path_factory.mktemp("wide")
-    tok = tiny_tokenizer(texts)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    sizes = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
+    build_tiny_model(root / "model", texts, max_position_embeddings=1024, **sizes)
     long = " ".join(json.loads(t)["messages"][-1]["content"] for t in texts) * 3
     data = root / "text.jsonl"
     data.write_text("".join(json.dumps({"text": long}) + "\n" for _ in range(16)))

@@ -25,17 +25,6 @@ from sftrun.monitor import Board
 
 log = logging.getLogger("sftrun")
 
-TRACKERS = (
-    "tensorboard",
-    "wandb",
-    "mlflow",
-    "aim",
-    "clearml",
-    "comet_ml",
-    "dvclive",
-    "swanlab",
-    "trackio",
-)
 INSTALL = {"wandb": "pip install 'sftrun[wandb]'", "mlflow": "pip install 'sftrun[mlflow]'"}
 
 
