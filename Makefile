@@ -43,6 +43,7 @@ test-fast: install
 # Then one process against two (torchrun), the same global batch, and the cost of mirror_to.
 bench: install model
 	$(PIP) install --quiet -e '.[bench]'
+	HF_HUB_OFFLINE=1 $(PY) bench/fair_trl.py --json bench/fair_results.json
 	HF_HUB_OFFLINE=1 $(PY) bench/vs_trl.py --json bench/results.json
 	HF_HUB_OFFLINE=1 $(PY) bench/processes.py
 	HF_HUB_OFFLINE=1 $(PY) bench/mirror.py

@@ -1,0 +1,316 @@
+"""sftrun against TRL's SFTTrainer doing the same work: the same token ids, labels and batches.
+
+Two pairings, each with one objective on both sides:
+
+- ``assistant``: sftrun's default (loss on the assistant tokens) against TRL given those very
+  tokens and labels (TRL's completion-only loss);
+- ``all``: sftrun with ``train_on=all`` against TRL training on every token.
+
+TRL gets a pre-tokenized dataset (``input_ids`` and ``labels``, from sftrun's own tokenizer
+pass over the sample task) laid out in the order sftrun's sampler consumes it, and samples it
+sequentially, so optimizer step k of both sides trains on the same samples, the same
+micro-batches, the same label tokens. The first step's loss proves it: LoRA B starts at zero,
+so both sides' first loss is the base model's loss on the same batch, and the two must agree.
+Both: the bundled SmolLM2-135M-Instruct, fp32, LoRA r=16 alpha 32 dropout 0.05 on the seven
+projections, AdamW lr 2e-4 cosine, micro-batch 4 x accumulation 2, max length 256, no
+gradient checkpointing, the same number of steps. TRL samples with
+``train_sampling_strategy="sequential"`` (length grouping would reorder the batches) and
+``torch_compile`` off (torch.compile is not tried on either side). Each run is its own
+process; the order alternates between rounds.
+
+Reported per round: trained (non-padding) tokens/s over the timed steps (the first is warm-up),
+counted from the batches each side trained on (sftrun's batches through its hooks, TRL's
+through the trainer's own ``num_input_tokens_seen``); the ratio sftrun/TRL within the round;
+the training-peak RSS (sampled from the first step on) separately from the load peak. The headline
+is the median of the per-round ratios, with min and max.
+
+    python bench/fair_trl.py                     # 6 timed steps x 3 rounds, both pairings
+    python bench/fair_trl.py --steps 3 --rounds 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from common import ACCUM, LR, MAX_LEN, MICRO, MODEL, REPO, SEED, StepClock, write_examples
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAIRINGS = ("assistant", "all")
+
+
+class PeakRss:
+    """The largest resident size seen from ``start()`` on, sampled every 5 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.005)
+
+    def stop(self) -> int:
+        self._stop.set()
+        return self.peak
+
+
+def _load_peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rate(starts: dict[int, float], tokens: dict[int, int], steps: int) -> dict[str, float]:
+    seconds = starts[steps + 1] - starts[1]
+    n = sum(tokens[k] for k in range(1, steps + 1))
+    return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds}
+
+
+def child_sftrun(pairing: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
+    from sftrun.config import load_config
+    from sftrun.hooks import RunHooks
+    from sftrun.trainer import RunOptions, run_training
+
+    os.chdir(work)
+    data = write_examples(work / "train.jsonl", examples)
+    clock, rss = StepClock(), PeakRss()
+    load_peak: list[int] = []
+
+    def on_step_start(step: int) -> None:
+        if step == 0:
+            load_peak.append(_load_peak())
+            rss.start()
+        clock.on_step_start(step)
+
+    settings = [
+        f"model_name_or_path={MODEL}",
+        f"train_file={data}",
+        "eval_file=null",
+        f"max_seq_length={MAX_LEN}",
+        f"max_steps={steps + 2}",
+        f"learning_rate={LR}",
+        "lr_scheduler_type=cosine",
+        "warmup_ratio=0",
+        f"per_device_train_batch_size={MICRO}",
+        f"gradient_accumulation_steps={ACCUM}",
+        "logging_steps=1",
+        "save_steps=100000",
+        "eval_accuracy=none",
+        "report_to=[]",
+        f"seed={SEED}",
+        f"train_on={pairing}",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.dropout=0.05",
+    ]
+    hooks = RunHooks(on_step_start=on_step_start, on_batch=clock.on_batch)
+    run_training(load_config(None, settings), RunOptions(yes=True, console=False, hooks=hooks))
+    history = json.loads(
+        next(work.glob("checkpoints/sft_model/checkpoint-*/trainer_state.json")).read_text()
+    )["log_history"]
+    return {
+        **_rate(clock.starts, clock.tokens, steps),
+        "first_loss": history[0]["loss"],
+        "train_peak_rss": rss.stop(),
+        "load_peak_rss": load_peak[0],
+    }
+
+
+def child_trl(pairing: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftrun.data import tokenize_file
+    from sftrun.modeling import load_tokenizer
+    from sftrun.sampler import step_indices
+
+    tokenizer = load_tokenizer(MODEL)
+    data = tokenize_file(
+        tokenizer, write_examples(work / "train.jsonl", examples), MAX_LEN, "truncate", pairing
+    )
+    batch = MICRO * ACCUM
+    order = [i for s in range(steps + 2) for i in step_indices(SEED, len(data), s * batch, batch)]
+    rows = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in order]
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=str(work / "trl"),
+        max_length=MAX_LEN,
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=ACCUM,
+        max_steps=steps + 2,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=SEED,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+        torch_compile=False,
+        include_num_input_tokens_seen="non_padding",  # counted from the batches it trains on
+        train_sampling_strategy="sequential",  # the dataset is laid out in sftrun's order
+        bf16=False,
+        fp16=False,
+        disable_tqdm=True,
+    )
+    peft = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft,
+    )
+    starts: dict[int, float] = {}
+    seen: dict[int, int] = {}  # the trainer's own count of non-padding tokens, per step
+    rss = PeakRss()
+    load_peak: list[int] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 0:
+                load_peak.append(_load_peak())
+                rss.start()
+            starts[state.global_step] = time.perf_counter()
+            seen[state.global_step] = state.num_input_tokens_seen
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            starts[state.global_step] = time.perf_counter()
+            seen[state.global_step] = state.num_input_tokens_seen
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    first_loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    tokens = {k: seen[k + 1] - seen[k] for k in range(steps + 1)}
+    return {
+        **_rate(starts, tokens, steps),
+        "first_loss": first_loss,
+        "train_peak_rss": rss.stop(),
+        "load_peak_rss": load_peak[0],
+    }
+
+
+def run_child(args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("torch", "transformers", "peft", "accelerate", "trl", "datasets")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    return {**{n: version(n) for n in names}, "sftrun_commit": commit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=160)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pairing", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        work = Path(tempfile.mkdtemp(prefix="sftrun-fair-"))
+        run = child_trl if args.child == "trl" else child_sftrun
+        print(json.dumps(run(args.pairing, args.steps, args.examples, work)))
+        return
+    if not (MODEL / "config.json").is_file():
+        raise SystemExit("run `make model` (sftrun model prepare) first")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset (torch uses every core)")
+    meta = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "omp_threads": threads}
+    meta |= _versions()
+    print(f"{meta}\n{args.steps} timed steps x {args.rounds} rounds, {args.examples} examples")
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in range(args.rounds):
+        for pairing in PAIRINGS:
+            sides = ("sftrun", "trl") if r % 2 == 0 else ("trl", "sftrun")
+            for side in sides:
+                child = ["--child", side, "--pairing", pairing, "--steps", str(args.steps)]
+                res = run_child([*child, "--examples", str(args.examples)])
+                runs[f"{pairing}/{side}"].append(res)
+                print(
+                    f"  round {r + 1} {pairing:<9} {side:<6} {res['tokens_per_s']:7.1f} tokens/s"
+                    f"  first loss {res['first_loss']:.5f}  training peak "
+                    f"{res['train_peak_rss'] / 2**30:.2f} GiB (load peak "
+                    f"{res['load_peak_rss'] / 2**30:.2f})",
+                    flush=True,
+                )
+    summary = {}
+    for pairing in PAIRINGS:
+        ours, theirs = runs[f"{pairing}/sftrun"], runs[f"{pairing}/trl"]
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs, strict=True)]
+        same_work = all(
+            abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
+            for a, b in zip(ours, theirs, strict=True)
+        )
+        summary[pairing] = {
+            "ratios": ratios,
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "same_tokens_and_first_loss": same_work,
+            "train_peak_rss": {
+                side: statistics.median(x["train_peak_rss"] for x in runs[f"{pairing}/{side}"])
+                for side in ("sftrun", "trl")
+            },
+        }
+        s = summary[pairing]
+        print(
+            f"{pairing}: sftrun/TRL per round "
+            + ", ".join(f"{x:.2f}" for x in ratios)
+            + f"; median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}); same tokens "
+            f"and first loss on both sides: {same_work}; training-peak RSS sftrun "
+            f"{s['train_peak_rss']['sftrun'] / 2**30:.2f} GiB, TRL "
+            f"{s['train_peak_rss']['trl'] / 2**30:.2f} GiB"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
