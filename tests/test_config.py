@@ -69,3 +69,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_max_steps_zero_is_rejected() -> None:
     with pytest.raises(ConfigError, match="max_steps must be -1"):
         load_config(None, ["max_steps=0"])
+
+
+def test_a_tracker_listed_twice_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("report_to: [tensorboard, wandb, wandb]\n")
+    with pytest.raises(ConfigError, match="report_to lists wandb more than once"):
+        load_config(str(cfg), [])

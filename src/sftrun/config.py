@@ -167,6 +167,9 @@ class TrainingConfig(BaseModel):
     def _check_length(self) -> TrainingConfig:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive count")
+        twice = sorted({t for t in self.report_to if self.report_to.count(t) > 1})
+        if twice:  # two runs of one tracker under one id would interleave their points
+            raise ValueError(f"report_to lists {', '.join(twice)} more than once")
         return self
 
 

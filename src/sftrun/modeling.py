@@ -167,11 +167,19 @@ KNOWN_TEMPLATES = {
 }
 
 
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
 def _template_text(chat_template: str) -> str:
     """The Jinja text of a known template name or of a template file."""
     if chat_template in KNOWN_TEMPLATES:
         return KNOWN_TEMPLATES[chat_template]
     path = Path(chat_template)
+    if path.is_file() and path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise ModelError(
+            f"chat_template {path} is {path.stat().st_size >> 10} KiB, over the "
+            f"{MAX_TEMPLATE_BYTES >> 10} KiB a chat template can sensibly be; check the path"
+        )
     if not path.is_file():
         raise ModelError(
             f"chat_template {chat_template!r} is neither a file nor a known template "
