@@ -40,6 +40,29 @@ def sftrun_overrides(data: Path, max_steps: int, micro: int = MICRO) -> list[str
     ]
 
 
+def trl_settings(work: Path, max_steps: int) -> dict[str, Any]:
+    """SFTConfig keywords both TRL comparisons share: the settings of ``sftrun_overrides``
+    (fp32 on the CPU, no checkpointing, no saves, a log line a step)."""
+    return {
+        "output_dir": str(work / "trl"),
+        "per_device_train_batch_size": MICRO,
+        "gradient_accumulation_steps": ACCUM,
+        "max_steps": max_steps,
+        "learning_rate": LR,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": SEED,
+        "dataloader_num_workers": 0,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "fp16": False,
+        "disable_tqdm": True,
+    }
+
+
 class StepClock:
     """Start time and trained (non-padding) tokens of every optimizer step, through hooks."""
 

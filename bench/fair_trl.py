@@ -44,7 +44,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from common import ACCUM, LR, MAX_LEN, MICRO, MODEL, REPO, SEED, StepClock, write_examples
+from common import (
+    ACCUM,
+    LR,
+    MAX_LEN,
+    MICRO,
+    MODEL,
+    REPO,
+    SEED,
+    StepClock,
+    trl_settings,
+    write_examples,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAIRINGS = ("assistant", "all")
@@ -160,27 +171,12 @@ def child_trl(pairing: str, steps: int, examples: int, work: Path) -> dict[str, 
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     args = SFTConfig(
-        output_dir=str(work / "trl"),
+        **trl_settings(work, steps + 2),
         max_length=MAX_LEN,
-        per_device_train_batch_size=MICRO,
-        gradient_accumulation_steps=ACCUM,
-        max_steps=steps + 2,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
         warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=SEED,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,
         torch_compile=False,
         include_num_input_tokens_seen="non_padding",  # counted from the batches it trains on
         train_sampling_strategy="sequential",  # the dataset is laid out in sftrun's order
-        bf16=False,
-        fp16=False,
-        disable_tqdm=True,
     )
     peft = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"

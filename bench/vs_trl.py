@@ -42,10 +42,10 @@ from common import (
     MICRO,
     MODEL,
     REPO,
-    SEED,
     TRAIN,
     StepClock,
     sftrun_overrides,
+    trl_settings,
     write_examples,
 )
 
@@ -91,24 +91,9 @@ def child_trl(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     args = SFTConfig(
-        output_dir=str(work / "trl"),
+        **trl_settings(work, steps + 1),
         # TRL refuses max_length when padding-free without packing; no example is that long.
         max_length=None if kind == "trl-padding_free" else MAX_LEN,
-        per_device_train_batch_size=MICRO,
-        gradient_accumulation_steps=ACCUM,
-        max_steps=steps + 1,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=SEED,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        disable_tqdm=True,
         packing=kind == "trl-packing",
         padding_free=kind == "trl-padding_free",
     )
