@@ -105,6 +105,15 @@ def close_logging() -> None:
         handler.close()
 
 
+def own_board(root: Path, name: str) -> Path | None:
+    """``root/name`` when it is a TensorBoard run folder sftrun made (a timestamp name, a
+    real folder, not a link); None otherwise."""
+    folder = root / name
+    if re.fullmatch(r"[0-9_]+", name) and folder.is_dir() and not folder.is_symlink():
+        return folder
+    return None
+
+
 class Board:
     """TensorBoard writer for one run folder; steps are global optimizer steps.
 
@@ -120,11 +129,9 @@ class Board:
         root = Path(C.TENSORBOARD_DIR)
         root.mkdir(parents=True, exist_ok=True)
         name, step = resume if resume is not None else ("", 0)
-        folder = root / name
-        self.continued = bool(
-            re.fullmatch(r"[0-9_]+", name) and folder.is_dir() and not folder.is_symlink()
-        )
-        self.path = folder if self.continued else unique_path(root, stamp)
+        folder = own_board(root, name)
+        self.continued = folder is not None
+        self.path = folder if folder is not None else unique_path(root, stamp)
         purge = step + 1 if self.continued else None
         self.writer = SummaryWriter(log_dir=str(self.path), purge_step=purge)
 
@@ -161,8 +168,8 @@ def mark_superseded_boards(names: set[str], step: int) -> dict[str, str]:
     root = Path(C.TENSORBOARD_DIR)
     renamed = {}
     for name in sorted(names):
-        source, target = root / name, root / f"{name}.superseded-after-{step}"
-        if re.fullmatch(r"[0-9_]+", name) and source.is_dir() and not source.is_symlink():
+        source, target = own_board(root, name), root / f"{name}.superseded-after-{step}"
+        if source is not None:
             if not target.exists():
                 os.rename(source, target)
                 renamed[name] = target.name
