@@ -504,8 +504,10 @@ def tokenize_file(
     max_seq_length: int,
     overlong: str = "truncate",
     train_on: str = "assistant",
+    fingerprint: str | None = None,
 ) -> TokenizedData:
-    """Read, validate and tokenize a data file; count truncated and dropped examples."""
+    """Read, validate and tokenize a data file; count truncated and dropped examples.
+    ``fingerprint`` is ``data_fingerprint`` of these settings when the caller has it."""
     convs = read_conversations(path)
     render = {"max_seq_length": max_seq_length, "overlong": overlong, "train_on": train_on}
     counts = {"records": len(convs), "truncated": 0, "dropped": 0}
@@ -532,7 +534,8 @@ def tokenize_file(
             f"{path}: every example was dropped (longer than max_seq_length={max_seq_length} "
             "with no assistant tokens left); raise max_seq_length"
         )
-    return TokenizedData(all_ids, all_labels, data_fingerprint(path, render), counts)
+    fingerprint = fingerprint or data_fingerprint(path, render)
+    return TokenizedData(all_ids, all_labels, fingerprint, counts)
 
 
 def collate(data: TokenizedData, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -35,10 +35,9 @@ CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
 log = logging.getLogger("sftrun")
 
 
-def cache_key(path: str | Path | list[str], tokenizer_sha: str, render: dict[str, Any]) -> str:
-    return hashlib.sha256(f"{data_fingerprint(path, render)}:{tokenizer_sha}".encode()).hexdigest()[
-        :32
-    ]
+def cache_key(fingerprint: str, tokenizer_sha: str) -> str:
+    """The cache file's name: the data fingerprint with the tokenizer's."""
+    return hashlib.sha256(f"{fingerprint}:{tokenizer_sha}".encode()).hexdigest()[:32]
 
 
 def _save_cache(target: Path, data: TokenizedData) -> None:
@@ -95,11 +94,12 @@ def load_or_tokenize(
     """Tokenized data from the cache when present; return it and whether the cache served it."""
     check_data_file(path)
     render = {"max_seq_length": max_seq_length, "overlong": overlong, "train_on": train_on}
-    target = CACHE_DIR / f"{cache_key(path, tokenizer_sha, render)}.safetensors"
+    fingerprint = data_fingerprint(path, render)  # hashed once: the key and the data's own
+    target = CACHE_DIR / f"{cache_key(fingerprint, tokenizer_sha)}.safetensors"
     cached = _load_cache(target)
     if cached is not None:
         return cached, True
-    data = tokenize_file(tokenizer, path, max_seq_length, overlong, train_on)
+    data = tokenize_file(tokenizer, path, max_seq_length, overlong, train_on, fingerprint)
     _save_cache(target, data)
     return data, False
 
