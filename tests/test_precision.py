@@ -81,9 +81,14 @@ def test_a_float16_checkpoint_without_scaler_state_is_refused(tiny_config, capsy
     del payload.scheduler_state["scaler"]  # as a checkpoint written without one would be
     checkpoint.save("other", 1, payload)
     args = ["--resume", "other/checkpoint-1", "dtype=float16", "output_dir=other", "max_steps=3"]
+    before = {p: p.read_bytes() for p in Path("other").rglob("*") if p.is_file()}
+    boards = sorted(Path("outputs/3_training/runs").iterdir())
     assert main(["train", "-y", "--config", "config.yaml", *args]) == 4
     err = capsys.readouterr().err
     assert "scheduler.pt has no loss-scaler state, which a float16 run needs" in err
+    # Refused while planning: the folder and the dashboards are as they were.
+    assert {p: p.read_bytes() for p in Path("other").rglob("*") if p.is_file()} == before
+    assert sorted(Path("outputs/3_training/runs").iterdir()) == boards
 
 
 def test_bfloat16_autocast_runs_on_the_cpu_when_asked(tiny_config, workdir: Path) -> None:

@@ -368,6 +368,15 @@ def _plan_resume(
         known = [r for r in checkpoint.owners(plan.out) if r is not None]
         if len(known) == 1:
             plan.state.run_id = known[0]
+    if plan.dtype == "float16" and not isinstance(payload.scheduler_state.get("scaler"), dict):
+        _refuse(
+            refusals,
+            CheckpointError(
+                f"{plan.ckpt_path}: {C.SCHEDULER_FILE} has no loss-scaler state, which a "
+                "float16 run needs to resume exactly; resume from a checkpoint written by "
+                "this float16 run"
+            ),
+        )
     old = Schedule.from_dict(payload.scheduler_state["schedule"])
     if step == plan.planned:
         plan.complete = True  # the same length as the checkpoint's run: it is finished

@@ -30,7 +30,7 @@ from sftrun import checkpoint, distributed, memory, mirror, rng, runlock
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.data import collate
-from sftrun.errors import CheckpointError, DiskSpaceError, DivergenceError, SftrunError
+from sftrun.errors import DiskSpaceError, DivergenceError, SftrunError
 from sftrun.evaluate import eval_loss, generation_accuracy
 from sftrun.hooks import RunHooks
 from sftrun.modeling import (
@@ -236,20 +236,13 @@ def _train_run(
 
 
 def _loss_scaler(plan: RunPlan, acc: Any) -> Any:
-    """float16: a GradScaler, restored from the checkpoint when resuming (never reset
-    silently: a missing state is a refusal)."""
+    """float16: a GradScaler, restored from the checkpoint when resuming (planning refused a
+    float16 checkpoint without its state, before anything was touched)."""
     if plan.dtype != "float16":
         return None
     scaler = torch.amp.GradScaler(acc.device.type)
     if plan.payload is not None:
-        state = plan.payload.scheduler_state.get("scaler")
-        if not isinstance(state, dict):
-            raise CheckpointError(
-                f"{plan.ckpt_path}: {C.SCHEDULER_FILE} has no loss-scaler state, which a "
-                "float16 run needs to resume exactly; resume from a checkpoint written by "
-                "this float16 run"
-            )
-        scaler.load_state_dict(state)
+        scaler.load_state_dict(plan.payload.scheduler_state["scaler"])
     return scaler
 
 
