@@ -69,6 +69,7 @@ class StepClock:
     def __init__(self) -> None:
         self.starts: dict[int, float] = {}
         self.tokens: dict[int, int] = {}
+        self.labels: dict[int, int] = {}
         self._step = 0
 
     def on_step_start(self, step: int) -> None:
@@ -80,3 +81,60 @@ class StepClock:
     def on_batch(self, batch: dict[str, Any]) -> None:
         count = int(batch["attention_mask"].sum())
         self.tokens[self._step] = self.tokens.get(self._step, 0) + count
+        # Positions whose next token carries a loss: where sftrun runs the LM head.
+        heads = int((batch["labels"][:, 1:] != -100).sum())
+        self.labels[self._step] = self.labels.get(self._step, 0) + heads
+
+
+def full_head_loss(peft_model: Any) -> Any:
+    """Ablation loss: the LM head over every position, as a stock causal-LM forward does."""
+    import torch
+
+    from sftrun.constants import IGNORE_INDEX
+    from sftrun.modeling import LabelOnlyLoss
+
+    class FullHead(LabelOnlyLoss):
+        def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            targets = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            return loss, (targets != IGNORE_INDEX).sum()
+
+    return FullHead(peft_model)
+
+
+def matmul_peak(seconds: float = 3.0) -> dict[str, Any]:
+    """This machine's fp32 matrix-multiply rate now: 2048 x 2048 products for ``seconds``."""
+    import time
+
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        count += 1
+    return {
+        "flops_per_s": 2 * n**3 * count / (time.perf_counter() - t0),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def model_flops(tokens: int, head_rows: int) -> float:
+    """Model FLOPs of training on ``tokens`` tokens with the LM head run on ``head_rows`` rows:
+    4 x (matmul parameters) per row, as LoRA training with a frozen base needs a forward (2)
+    and the activation gradients (2). Attention scores and the LoRA matmuls are left out."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(MODEL)
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    layer = 2 * c.hidden_size**2 + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    decoder, head = layer * c.num_hidden_layers, c.vocab_size * c.hidden_size
+    return 4.0 * (decoder * tokens + head * head_rows)

@@ -13,16 +13,23 @@ micro-batches, the same label tokens. The first step's loss proves it: LoRA B st
 so both sides' first loss is the base model's loss on the same batch, and the two must agree.
 Both: the bundled SmolLM2-135M-Instruct, fp32, LoRA r=16 alpha 32 dropout 0.05 on the seven
 projections, AdamW lr 2e-4 cosine, micro-batch 4 x accumulation 2, max length 256, no
-gradient checkpointing, the same number of steps. TRL samples with
-``train_sampling_strategy="sequential"`` (length grouping would reorder the batches) and
-``torch_compile`` off (torch.compile is not tried on either side). Each run is its own
-process; the order alternates between rounds.
+gradient checkpointing, the same number of steps, and the same save protocol: one checkpoint
+(adapter, optimizer, scheduler, RNG) after the last step, outside the timed steps and inside
+the RSS window. TRL samples with ``train_sampling_strategy="sequential"`` (length grouping
+would reorder the batches); ``torch_compile`` is off on both sides by default, and
+``--trl-compile`` adds a side with TRL's ``torch_compile=True`` (sftrun has no compile option:
+bench/README.md gives the measurement that kept it out). Each run is its own process; the
+order alternates between rounds.
 
+Three sides per pairing: ``sftrun``; ``stock``, the ablation with the LM head over every
+position and PEFT's own LoRA forward together (what sftrun's loop alone is worth); ``trl``.
 Reported per round: trained (non-padding) tokens/s over the timed steps (the first is warm-up),
 counted from the batches each side trained on (sftrun's batches through its hooks, TRL's
-through the trainer's own ``num_input_tokens_seen``); the ratio sftrun/TRL within the round;
-the training-peak RSS (sampled from the first step on) separately from the load peak. The headline
-is the median of the per-round ratios, with min and max.
+through the trainer's own ``num_input_tokens_seen``); the ratio to TRL within the round; the
+training-peak RSS (sampled from the first step on) separately from the load peak; the model
+FLOP/s against this machine's fp32 matmul peak, measured before and after the rounds (the
+higher of the two is used). The headline is the median of the per-round ratios sftrun/TRL, with
+min and max.
 
     python bench/fair_trl.py                     # 6 timed steps x 3 rounds, both pairings
     python bench/fair_trl.py --steps 3 --rounds 1 --json out.json
@@ -53,6 +60,9 @@ from common import (
     REPO,
     SEED,
     StepClock,
+    full_head_loss,
+    matmul_peak,
+    model_flops,
     trl_settings,
     write_examples,
 )
@@ -100,7 +110,11 @@ def _rate(starts: dict[int, float], tokens: dict[int, int], steps: int) -> dict[
     return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds}
 
 
-def child_sftrun(pairing: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
+def child_sftrun(
+    pairing: str, steps: int, examples: int, work: Path, stock: bool = False
+) -> dict[str, Any]:
+    """One sftrun run; ``stock`` is the ablation with the LM head over every position and
+    PEFT's own LoRA forward (``nn.Dropout``) together: what sftrun's loop alone is worth."""
     from sftrun.config import load_config
     from sftrun.hooks import RunHooks
     from sftrun.trainer import RunOptions, run_training
@@ -137,20 +151,30 @@ def child_sftrun(pairing: str, steps: int, examples: int, work: Path) -> dict[st
         "lora.alpha=32",
         "lora.dropout=0.05",
     ]
-    hooks = RunHooks(on_step_start=on_step_start, on_batch=clock.on_batch)
+    hooks = RunHooks(
+        on_step_start=on_step_start,
+        on_batch=clock.on_batch,
+        make_loss=full_head_loss if stock else None,
+        fast_lora=not stock,
+    )
     run_training(load_config(None, settings), RunOptions(yes=True, console=False, hooks=hooks))
-    history = json.loads(
-        next(work.glob("checkpoints/sft_model/checkpoint-*/trainer_state.json")).read_text()
-    )["log_history"]
+    saved = list(work.glob("checkpoints/sft_model/checkpoint-*/trainer_state.json"))
+    history = json.loads(saved[0].read_text())["log_history"]
+    # Rows the LM head ran on: labelled positions only, or every position in the ablation.
+    head_rows = sum((clock.tokens if stock else clock.labels)[k] for k in range(1, steps + 1))
     return {
         **_rate(clock.starts, clock.tokens, steps),
+        "head_rows": head_rows,
+        "saved_checkpoints": len(saved),
         "first_loss": history[0]["loss"],
         "train_peak_rss": rss.stop(),
         "load_peak_rss": load_peak[0],
     }
 
 
-def child_trl(pairing: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
+def child_trl(
+    pairing: str, steps: int, examples: int, work: Path, compile_model: bool = False
+) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -170,11 +194,15 @@ def child_trl(pairing: str, steps: int, examples: int, work: Path) -> dict[str, 
     rows = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in order]
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    settings = trl_settings(work, steps + 2)
+    # The same save protocol as sftrun's side: one checkpoint (adapter, optimizer, scheduler,
+    # RNG) after the last step, inside the RSS window and outside the timed steps.
+    settings |= {"save_strategy": "steps", "save_steps": steps + 2}
     args = SFTConfig(
-        **trl_settings(work, steps + 2),
+        **settings,
         max_length=MAX_LEN,
         warmup_steps=0,
-        torch_compile=False,
+        torch_compile=compile_model,
         include_num_input_tokens_seen="non_padding",  # counted from the batches it trains on
         train_sampling_strategy="sequential",  # the dataset is laid out in sftrun's order
     )
@@ -209,8 +237,11 @@ def child_trl(pairing: str, steps: int, examples: int, work: Path) -> dict[str, 
     trainer.train()
     first_loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
     tokens = {k: seen[k + 1] - seen[k] for k in range(steps + 1)}
+    saved = list((work / "trl").glob("checkpoint-*/optimizer.pt"))
     return {
         **_rate(starts, tokens, steps),
+        "head_rows": sum(tokens[k] for k in range(1, steps + 1)),  # every position
+        "saved_checkpoints": len(saved),
         "first_loss": first_loss,
         "train_peak_rss": rss.stop(),
         "load_peak_rss": load_peak[0],
@@ -241,71 +272,114 @@ def _versions() -> dict[str, str]:
     return {**{n: version(n) for n in names}, "sftrun_commit": commit}
 
 
+def _side_order(r: int, sides: tuple[str, ...]) -> tuple[str, ...]:
+    return sides if r % 2 == 0 else tuple(reversed(sides))
+
+
+def _summarise(
+    runs: dict[str, list[dict[str, Any]]], pairing: str, sides: tuple[str, ...], peak: float
+) -> dict[str, Any]:
+    """Per-round ratios of every side against TRL, the median (the headline) with min and max,
+    whether each side did TRL's work, training-peak RSS and sftrun's model FLOP/s."""
+    trl = runs[f"{pairing}/trl"]
+    out: dict[str, Any] = {}
+    for side in sides:
+        rs = runs[f"{pairing}/{side}"]
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rs, trl, strict=True)]
+        same = all(
+            abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
+            for a, b in zip(rs, trl, strict=True)
+        )
+        flops = [model_flops(x["tokens"], x["head_rows"]) / x["seconds"] for x in rs]
+        out[side] = {
+            "ratios_to_trl": ratios,
+            "median": statistics.median(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "same_tokens_and_first_loss_as_trl": same,
+            "train_peak_rss": statistics.median(x["train_peak_rss"] for x in rs),
+            "load_peak_rss": statistics.median(x["load_peak_rss"] for x in rs),
+            "model_flops_per_s": statistics.median(flops),
+            "share_of_matmul_peak": statistics.median(flops) / peak,
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=160)
+    parser.add_argument(
+        "--trl-compile",
+        action="store_true",
+        help="also run TRL with torch_compile=True (a fourth side; its compile is in warm-up)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--pairing", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         work = Path(tempfile.mkdtemp(prefix="sftrun-fair-"))
-        run = child_trl if args.child == "trl" else child_sftrun
-        print(json.dumps(run(args.pairing, args.steps, args.examples, work)))
+        run_args = (args.pairing, args.steps, args.examples, work)
+        children = {
+            "sftrun": lambda: child_sftrun(*run_args),
+            "stock": lambda: child_sftrun(*run_args, stock=True),
+            "trl": lambda: child_trl(*run_args),
+            "trl-compile": lambda: child_trl(*run_args, compile_model=True),
+            "peak": matmul_peak,
+        }
+        print(json.dumps(children[args.child]()))
         return
     if not (MODEL / "config.json").is_file():
         raise SystemExit("run `make model` (sftrun model prepare) first")
     threads = os.environ.get("OMP_NUM_THREADS", "unset (torch uses every core)")
     meta = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "omp_threads": threads}
     meta |= _versions()
+    sides = ("sftrun", "stock", "trl") + (("trl-compile",) if args.trl_compile else ())
     print(f"{meta}\n{args.steps} timed steps x {args.rounds} rounds, {args.examples} examples")
+    peaks = [run_child(["--child", "peak"])["flops_per_s"]]
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in range(args.rounds):
         for pairing in PAIRINGS:
-            sides = ("sftrun", "trl") if r % 2 == 0 else ("trl", "sftrun")
-            for side in sides:
+            for side in _side_order(r, sides):
                 child = ["--child", side, "--pairing", pairing, "--steps", str(args.steps)]
                 res = run_child([*child, "--examples", str(args.examples)])
                 runs[f"{pairing}/{side}"].append(res)
                 print(
-                    f"  round {r + 1} {pairing:<9} {side:<6} {res['tokens_per_s']:7.1f} tokens/s"
+                    f"  round {r + 1} {pairing:<9} {side:<11} {res['tokens_per_s']:7.1f} tokens/s"
                     f"  first loss {res['first_loss']:.5f}  training peak "
                     f"{res['train_peak_rss'] / 2**30:.2f} GiB (load peak "
                     f"{res['load_peak_rss'] / 2**30:.2f})",
                     flush=True,
                 )
-    summary = {}
-    for pairing in PAIRINGS:
-        ours, theirs = runs[f"{pairing}/sftrun"], runs[f"{pairing}/trl"]
-        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, theirs, strict=True)]
-        same_work = all(
-            abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
-            for a, b in zip(ours, theirs, strict=True)
-        )
-        summary[pairing] = {
-            "ratios": ratios,
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-            "same_tokens_and_first_loss": same_work,
-            "train_peak_rss": {
-                side: statistics.median(x["train_peak_rss"] for x in runs[f"{pairing}/{side}"])
-                for side in ("sftrun", "trl")
-            },
-        }
-        s = summary[pairing]
+    peaks.append(run_child(["--child", "peak"])["flops_per_s"])
+    # The higher of the two measurements, so the share of the peak is not flattered by drift.
+    peak = max(peaks)
+    print(
+        "fp32 matmul peak before / after the rounds: "
+        f"{peaks[0] / 1e9:.1f} / {peaks[1] / 1e9:.1f} GFLOP/s"
+    )
+    ours = tuple(x for x in sides if x != "trl")
+    summary = {pairing: _summarise(runs, pairing, ours, peak) for pairing in PAIRINGS}
+    for pairing, by_side in summary.items():
+        for side, s in by_side.items():
+            print(
+                f"{pairing} {side}/TRL per round "
+                + ", ".join(f"{x:.2f}" for x in s["ratios_to_trl"])
+                + f"; median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}); "
+                f"same tokens and first loss as TRL: {s['same_tokens_and_first_loss_as_trl']}; "
+                f"training-peak RSS {s['train_peak_rss'] / 2**30:.2f} GiB; model FLOP/s "
+                f"{s['model_flops_per_s'] / 1e9:.1f} G = {100 * s['share_of_matmul_peak']:.1f}% "
+                "of the matmul peak"
+            )
+        trl_rss = [x["train_peak_rss"] for x in runs[f"{pairing}/trl"]]
         print(
-            f"{pairing}: sftrun/TRL per round "
-            + ", ".join(f"{x:.2f}" for x in ratios)
-            + f"; median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}); same tokens "
-            f"and first loss on both sides: {same_work}; training-peak RSS sftrun "
-            f"{s['train_peak_rss']['sftrun'] / 2**30:.2f} GiB, TRL "
-            f"{s['train_peak_rss']['trl'] / 2**30:.2f} GiB"
+            f"{pairing} TRL training-peak RSS, lowest of the rounds: {min(trl_rss) / 2**30:.2f} GiB"
         )
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
+        record = {"meta": meta, "matmul_peak_flops_per_s": peaks, "runs": runs, "summary": summary}
+        args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

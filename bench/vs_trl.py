@@ -44,6 +44,9 @@ from common import (
     REPO,
     TRAIN,
     StepClock,
+    full_head_loss,
+    matmul_peak,
+    model_flops,
     sftrun_overrides,
     trl_settings,
     write_examples,
@@ -139,12 +142,8 @@ def child_trl(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any
 
 
 def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
-    import torch
-
     from sftrun.config import load_config
-    from sftrun.constants import IGNORE_INDEX
     from sftrun.hooks import RunHooks
-    from sftrun.modeling import LabelOnlyLoss
     from sftrun.trainer import RunOptions, run_training
 
     os.chdir(work)
@@ -153,24 +152,10 @@ def child_sftrun(kind: str, steps: int, examples: int, work: Path) -> dict[str, 
     clock = StepClock()
     starts, tokens = clock.starts, clock.tokens
 
-    class FullHead(LabelOnlyLoss):
-        """Ablation: the LM head over every position, as a stock causal-LM forward does."""
-
-        def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
-            logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
-            targets = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            return loss, (targets != IGNORE_INDEX).sum()
-
     hooks = RunHooks(
         on_step_start=clock.on_step_start,
         on_batch=clock.on_batch,
-        make_loss=FullHead if kind == "sftrun-fullhead" else None,
+        make_loss=full_head_loss if kind == "sftrun-fullhead" else None,
         # Ablation: PEFT's own LoRA forward and nn.Dropout (one Bernoulli draw per element).
         fast_lora=kind != "sftrun-pefttorch",
     )
@@ -218,22 +203,6 @@ def child_save(work: Path) -> dict[str, Any]:
         path = checkpoint.save(work / "ckpts", step, payload)
         times.append(time.perf_counter() - t0)
     return {"save_seconds": statistics.median(times), "save_bytes": checkpoint.dir_size(path)}
-
-
-def child_peak(seconds: float = 3.0) -> dict[str, Any]:
-    import torch
-
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        count += 1
-    return {
-        "flops_per_s": 2 * n**3 * count / (time.perf_counter() - t0),
-        "threads": torch.get_num_threads(),
-    }
 
 
 # --- the parent: runs children, prints the tables ------------------------------------------
@@ -313,21 +282,6 @@ def _wait_for_log_line(work: Path, before: set[Path], needle: str, proc: Any) ->
         time.sleep(0.005)
 
 
-def model_flops(steps_result: dict[str, Any], config: str, label_share: float) -> float:
-    """Model FLOPs per timed second: 4 x (matmul params) per token, as LoRA training with a
-    frozen base needs a forward (2) and the activation gradients (2); attention scores and the
-    LoRA matmuls themselves are left out. sftrun runs the LM head on labelled tokens only."""
-    from transformers import AutoConfig
-
-    c = AutoConfig.from_pretrained(MODEL)
-    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    layer = 2 * c.hidden_size**2 + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
-    decoder, head = layer * c.num_hidden_layers, c.vocab_size * c.hidden_size
-    head_tokens = label_share if config == "sftrun" else 1.0
-    per_token = 4 * (decoder + head * head_tokens)
-    return per_token * steps_result["tokens_per_s"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
@@ -353,7 +307,7 @@ def main() -> None:
         elif args.child == "save":
             result = child_save(work)
         else:
-            result = child_peak()
+            result = matmul_peak()
         print(json.dumps(result))
         return
 
@@ -441,7 +395,8 @@ def main() -> None:
     for c in med:
         if c in ("sftrun-fullhead", "sftrun-pefttorch"):
             continue
-        f = model_flops(med[c], c, label_share)
+        tps = med[c]["tokens_per_s"]
+        f = model_flops(tps, tps * (label_share if c == "sftrun" else 1.0))
         print(f"  {c:<18} {f / 1e9:6.1f} GFLOP/s = {100 * f / peak['flops_per_s']:5.1f}% of peak")
 
     startup = {}
