@@ -39,11 +39,14 @@ test: install lint
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
-# Side by side with TRL's SFTTrainer (TRL is a bench-only dependency); ~15 min on 2 cores.
-# Then one process against two (torchrun), the same global batch, and the cost of mirror_to.
+# Side by side with TRL's SFTTrainer on the same work (TRL is a bench-only dependency), then
+# where a step goes, the fused-GEMM candidate, the older TRL comparison, one process against
+# two (torchrun) and the cost of mirror_to: about 45 min on 2 cores.
 bench: install model
 	$(PIP) install --quiet -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(PY) bench/fair_trl.py --json bench/fair_results.json
+	HF_HUB_OFFLINE=1 $(PY) bench/profile_step.py --steps 3
+	$(PY) bench/fused_gemm.py
 	HF_HUB_OFFLINE=1 $(PY) bench/vs_trl.py --json bench/results.json
 	HF_HUB_OFFLINE=1 $(PY) bench/processes.py
 	HF_HUB_OFFLINE=1 $(PY) bench/mirror.py

@@ -16,23 +16,26 @@ projections, AdamW lr 2e-4 cosine, micro-batch 4 x accumulation 2, max length 25
 gradient checkpointing, the same number of steps, and the same save protocol: one checkpoint
 (adapter, optimizer, scheduler, RNG) after the last step, outside the timed steps and inside
 the RSS window. TRL samples with ``train_sampling_strategy="sequential"`` (length grouping
-would reorder the batches); ``torch_compile`` is off on both sides by default, and
-``--trl-compile`` adds a side with TRL's ``torch_compile=True`` (sftrun has no compile option:
-bench/README.md gives the measurement that kept it out). Each run is its own process; the
-order alternates between rounds.
+would reorder the batches, so it is out on both sides).
 
-Three sides per pairing: ``sftrun``; ``stock``, the ablation with the LM head over every
-position and PEFT's own LoRA forward together (what sftrun's loop alone is worth); ``trl``.
+Four sides per pairing, each run its own process, the order alternating between rounds:
+``sftrun``; ``stock``, the ablation with the LM head over every position and PEFT's own LoRA
+forward together (what sftrun's loop alone is worth); ``trl`` (TRL's defaults); ``trl-compile``
+(TRL with ``torch_compile=True``; its compile falls in the warm-up step; ``--no-trl-compile``
+skips it). sftrun has no compile option: bench/profile_step.py's ``--compile`` measurements,
+given in bench/README.md, kept torch.compile out.
+
 Reported per round: trained (non-padding) tokens/s over the timed steps (the first is warm-up),
 counted from the batches each side trained on (sftrun's batches through its hooks, TRL's
-through the trainer's own ``num_input_tokens_seen``); the ratio to TRL within the round; the
-training-peak RSS (sampled from the first step on) separately from the load peak; the model
-FLOP/s against this machine's fp32 matmul peak, measured before and after the rounds (the
-higher of the two is used). The headline is the median of the per-round ratios sftrun/TRL, with
-min and max.
+through the trainer's own ``num_input_tokens_seen``); the ratio to the fastest TRL side of the
+same round and to TRL's defaults; the training-peak RSS (sampled from the first step on)
+separately from the load peak; the model FLOP/s against this machine's fp32 matmul peak,
+measured before and after the rounds (the higher of the two is used). The headline is the
+median of the per-round ratios of sftrun to the fastest TRL side, with min and max.
 
-    python bench/fair_trl.py                     # 6 timed steps x 3 rounds, both pairings
-    python bench/fair_trl.py --steps 3 --rounds 1 --json out.json
+    python bench/fair_trl.py --json bench/fair_results.json   # 6 timed steps x 3 rounds
+    python bench/fair_trl.py --steps 3 --rounds 1 --no-trl-compile
+    python bench/fair_trl.py --report bench/fair_results.json # the summary of a saved run
 """
 
 from __future__ import annotations
@@ -272,37 +275,69 @@ def _versions() -> dict[str, str]:
     return {**{n: version(n) for n in names}, "sftrun_commit": commit}
 
 
-def _side_order(r: int, sides: tuple[str, ...]) -> tuple[str, ...]:
-    return sides if r % 2 == 0 else tuple(reversed(sides))
+def _ratios(ours: list[dict[str, Any]], theirs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per-round tokens/s ratios of ``ours`` to the fastest of ``theirs`` in the same round."""
+    ratios = [
+        a["tokens_per_s"] / max(t[r]["tokens_per_s"] for t in theirs) for r, a in enumerate(ours)
+    ]
+    return {
+        "per_round": ratios,
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+    }
 
 
-def _summarise(
-    runs: dict[str, list[dict[str, Any]]], pairing: str, sides: tuple[str, ...], peak: float
-) -> dict[str, Any]:
-    """Per-round ratios of every side against TRL, the median (the headline) with min and max,
-    whether each side did TRL's work, training-peak RSS and sftrun's model FLOP/s."""
-    trl = runs[f"{pairing}/trl"]
+def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float) -> dict[str, Any]:
+    """For every side: per-round ratios to TRL's default and to the fastest TRL configuration
+    of the round (the headline), whether it did TRL's work, peak RSS and model FLOP/s."""
+    sides = [k.split("/")[1] for k in runs if k.startswith(f"{pairing}/")]
+    trl_sides = [runs[f"{pairing}/{x}"] for x in sides if x.startswith("trl")]
     out: dict[str, Any] = {}
     for side in sides:
         rs = runs[f"{pairing}/{side}"]
-        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rs, trl, strict=True)]
-        same = all(
-            abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
-            for a, b in zip(rs, trl, strict=True)
-        )
+        trl = runs[f"{pairing}/trl"]
         flops = [model_flops(x["tokens"], x["head_rows"]) / x["seconds"] for x in rs]
         out[side] = {
-            "ratios_to_trl": ratios,
-            "median": statistics.median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-            "same_tokens_and_first_loss_as_trl": same,
+            "to_trl_default": _ratios(rs, [trl]),
+            "to_best_trl": _ratios(rs, trl_sides),
+            "same_tokens_and_first_loss_as_trl": all(
+                abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
+                for a, b in zip(rs, trl, strict=True)
+            ),
             "train_peak_rss": statistics.median(x["train_peak_rss"] for x in rs),
+            "lowest_train_peak_rss": min(x["train_peak_rss"] for x in rs),
             "load_peak_rss": statistics.median(x["load_peak_rss"] for x in rs),
             "model_flops_per_s": statistics.median(flops),
             "share_of_matmul_peak": statistics.median(flops) / peak,
         }
     return out
+
+
+def report(record: dict[str, Any]) -> None:
+    """Print a run's summary (from ``main`` or a saved ``--json`` file)."""
+    peaks = record["matmul_peak_flops_per_s"]
+    peak = max(peaks)  # the higher measurement, so drift does not flatter the share
+    print(
+        "fp32 matmul peak before / after the rounds: "
+        f"{peaks[0] / 1e9:.1f} / {peaks[1] / 1e9:.1f} GFLOP/s"
+    )
+    for pairing in PAIRINGS:
+        by_side = _summarise(record["runs"], pairing, peak)
+        record.setdefault("summary", {})[pairing] = by_side
+        for side, s in by_side.items():
+            best, default = s["to_best_trl"], s["to_trl_default"]
+            print(
+                f"{pairing:<9} {side:<11} x fastest TRL of the round "
+                + ", ".join(f"{x:.2f}" for x in best["per_round"])
+                + f" (median {best['median']:.2f}, min {best['min']:.2f}, max {best['max']:.2f});"
+                f" x TRL default: median {default['median']:.2f}; same work as TRL: "
+                f"{s['same_tokens_and_first_loss_as_trl']}; training-peak RSS median "
+                f"{s['train_peak_rss'] / 2**30:.2f} GiB, lowest "
+                f"{s['lowest_train_peak_rss'] / 2**30:.2f}; model FLOP/s "
+                f"{s['model_flops_per_s'] / 1e9:.1f} G = {100 * s['share_of_matmul_peak']:.1f}% "
+                "of the peak"
+            )
 
 
 def main() -> None:
@@ -311,11 +346,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--examples", type=int, default=160)
     parser.add_argument(
-        "--trl-compile",
+        "--no-trl-compile",
         action="store_true",
-        help="also run TRL with torch_compile=True (a fourth side; its compile is in warm-up)",
+        help="skip the side with TRL's torch_compile=True (its compile is in the warm-up step)",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--report", type=Path, help="print the summary of a saved --json run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--pairing", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,18 +367,21 @@ def main() -> None:
         }
         print(json.dumps(children[args.child]()))
         return
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return
     if not (MODEL / "config.json").is_file():
         raise SystemExit("run `make model` (sftrun model prepare) first")
     threads = os.environ.get("OMP_NUM_THREADS", "unset (torch uses every core)")
     meta = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "omp_threads": threads}
     meta |= _versions()
-    sides = ("sftrun", "stock", "trl") + (("trl-compile",) if args.trl_compile else ())
+    sides = ("sftrun", "stock", "trl") + (() if args.no_trl_compile else ("trl-compile",))
     print(f"{meta}\n{args.steps} timed steps x {args.rounds} rounds, {args.examples} examples")
     peaks = [run_child(["--child", "peak"])["flops_per_s"]]
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in range(args.rounds):
         for pairing in PAIRINGS:
-            for side in _side_order(r, sides):
+            for side in sides if r % 2 == 0 else reversed(sides):
                 child = ["--child", side, "--pairing", pairing, "--steps", str(args.steps)]
                 res = run_child([*child, "--examples", str(args.examples)])
                 runs[f"{pairing}/{side}"].append(res)
@@ -354,31 +393,9 @@ def main() -> None:
                     flush=True,
                 )
     peaks.append(run_child(["--child", "peak"])["flops_per_s"])
-    # The higher of the two measurements, so the share of the peak is not flattered by drift.
-    peak = max(peaks)
-    print(
-        "fp32 matmul peak before / after the rounds: "
-        f"{peaks[0] / 1e9:.1f} / {peaks[1] / 1e9:.1f} GFLOP/s"
-    )
-    ours = tuple(x for x in sides if x != "trl")
-    summary = {pairing: _summarise(runs, pairing, ours, peak) for pairing in PAIRINGS}
-    for pairing, by_side in summary.items():
-        for side, s in by_side.items():
-            print(
-                f"{pairing} {side}/TRL per round "
-                + ", ".join(f"{x:.2f}" for x in s["ratios_to_trl"])
-                + f"; median {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f}); "
-                f"same tokens and first loss as TRL: {s['same_tokens_and_first_loss_as_trl']}; "
-                f"training-peak RSS {s['train_peak_rss'] / 2**30:.2f} GiB; model FLOP/s "
-                f"{s['model_flops_per_s'] / 1e9:.1f} G = {100 * s['share_of_matmul_peak']:.1f}% "
-                "of the matmul peak"
-            )
-        trl_rss = [x["train_peak_rss"] for x in runs[f"{pairing}/trl"]]
-        print(
-            f"{pairing} TRL training-peak RSS, lowest of the rounds: {min(trl_rss) / 2**30:.2f} GiB"
-        )
+    record = {"meta": meta, "matmul_peak_flops_per_s": peaks, "runs": runs}
+    report(record)
     if args.json:
-        record = {"meta": meta, "matmul_peak_flops_per_s": peaks, "runs": runs, "summary": summary}
         args.json.write_text(json.dumps(record, indent=2))
 
 

@@ -110,15 +110,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="profiled optimizer steps")
     parser.add_argument("--train-on", default="assistant", choices=("assistant", "all"))
     parser.add_argument("--examples", type=int, default=160)
-    parser.add_argument("--compile", default="off", choices=("off", "fast", "peft"))
+    parser.add_argument(
+        "--compile", default="off", choices=("off", "fast", "peft", "decoder-fast", "decoder-peft")
+    )
     args = parser.parse_args()
     if not 1 <= args.steps <= 7:
         parser.error("--steps: 1 to 7")
     peak = matmul_peak()["flops_per_s"]
     work = Path(tempfile.mkdtemp())
-    loss_module, steps = build(args.train_on, args.examples, work, args.compile != "peft")
-    if args.compile != "off":
-        for layer in loss_module.peft_model.get_base_model().model.layers:
+    fast = not args.compile.endswith("peft")
+    loss_module, steps = build(args.train_on, args.examples, work, fast)
+    decoder = loss_module.peft_model.get_base_model().get_decoder()
+    if args.compile.startswith("decoder"):  # the whole decoder, torch.compile's defaults
+        decoder.compile()
+    elif args.compile != "off":
+        for layer in decoder.layers:
             layer.compile(dynamic=True)
     t0 = time.perf_counter()
     run_step(loss_module, steps[0])
