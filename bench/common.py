@@ -3,6 +3,11 @@ configuration they all time (bench/vs_trl.py's settings)."""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +15,23 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "model/models"
 TRAIN = REPO / "data/sample/train.jsonl"
 MICRO, ACCUM, MAX_LEN, LR, SEED = 4, 2, 256, 2e-4, 42
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_child(script: str, args: list[str], **env: str) -> dict[str, Any]:
+    """Run ``script`` with ``args`` in its own process (offline, from the repository root) and
+    return the JSON object its last output line holds; a failed child ends the benchmark."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(script).resolve()), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def write_examples(target: Path, examples: int) -> Path:
@@ -61,6 +83,15 @@ def trl_settings(work: Path, max_steps: int) -> dict[str, Any]:
         "fp16": False,
         "disable_tqdm": True,
     }
+
+
+def trl_lora() -> Any:
+    """The LoRA both TRL comparisons give TRL: sftrun's r=16 / alpha 32 / dropout 0.05."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
 
 
 class StepClock:
@@ -127,14 +158,20 @@ def matmul_peak(seconds: float = 3.0) -> dict[str, Any]:
     }
 
 
-def model_flops(tokens: int, head_rows: int) -> float:
-    """Model FLOPs of training on ``tokens`` tokens with the LM head run on ``head_rows`` rows:
-    4 x (matmul parameters) per row, as LoRA training with a frozen base needs a forward (2)
-    and the activation gradients (2). Attention scores and the LoRA matmuls are left out."""
+@functools.cache
+def _matmul_parameters() -> tuple[int, int]:
+    """The bundled model's matmul parameters: (decoder projections, LM head)."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(MODEL)
     kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     layer = 2 * c.hidden_size**2 + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
-    decoder, head = layer * c.num_hidden_layers, c.vocab_size * c.hidden_size
+    return layer * c.num_hidden_layers, c.vocab_size * c.hidden_size
+
+
+def model_flops(tokens: float, head_rows: float) -> float:
+    """Model FLOPs of training on ``tokens`` tokens with the LM head run on ``head_rows`` rows:
+    4 x (matmul parameters) per row, as LoRA training with a frozen base needs a forward (2)
+    and the activation gradients (2). Attention scores and the LoRA matmuls are left out."""
+    decoder, head = _matmul_parameters()
     return 4.0 * (decoder * tokens + head * head_rows)

@@ -46,7 +46,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -54,6 +53,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import common
 from common import (
     ACCUM,
     LR,
@@ -66,11 +66,11 @@ from common import (
     full_head_loss,
     matmul_peak,
     model_flops,
+    trl_lora,
     trl_settings,
     write_examples,
 )
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAIRINGS = ("assistant", "all")
 
 
@@ -180,7 +180,6 @@ def child_trl(
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -209,9 +208,7 @@ def child_trl(
         include_num_input_tokens_seen="non_padding",  # counted from the batches it trains on
         train_sampling_strategy="sequential",  # the dataset is laid out in sftrun's order
     )
-    peft = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
-    )
+    peft = trl_lora()
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -252,17 +249,7 @@ def child_trl(
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_child(__file__, args)
 
 
 def _versions() -> dict[str, str]:

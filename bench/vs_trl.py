@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import common
 from common import (
     ACCUM,
     LR,
@@ -48,11 +49,11 @@ from common import (
     matmul_peak,
     model_flops,
     sftrun_overrides,
+    trl_lora,
     trl_settings,
     write_examples,
 )
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = [
     "trl-plain",
     "trl-packing",
@@ -85,7 +86,6 @@ def _timed(step_times: dict[int, float], tokens: dict[int, int], steps: int) -> 
 def child_trl(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -100,9 +100,7 @@ def child_trl(kind: str, steps: int, examples: int, work: Path) -> dict[str, Any
         packing=kind == "trl-packing",
         padding_free=kind == "trl-padding_free",
     )
-    peft_config = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"
-    )
+    peft_config = trl_lora()
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -209,13 +207,7 @@ def child_save(work: Path) -> dict[str, Any]:
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=REPO
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_child(__file__, args, TOKENIZERS_PARALLELISM="false")
 
 
 def resume_startup(examples: int, late: int) -> dict[str, float]:
