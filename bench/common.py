@@ -175,3 +175,35 @@ def model_flops(tokens: float, head_rows: float) -> float:
     and the activation gradients (2). Attention scores and the LoRA matmuls are left out."""
     decoder, head = _matmul_parameters()
     return 4.0 * (decoder * tokens + head * head_rows)
+
+
+def kernel_clock() -> Any:
+    """A dispatch mode that adds up the seconds spent inside matrix multiplies and attention
+    kernels, forward and backward, timed one call at a time (``.seconds["matmul"]``,
+    ``.seconds["attention"]``). Only the kernels are timed: the mode's own Python cost falls
+    between them, so the sums hold while the wall time around them does not."""
+    import time
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default, aten.addmm.default, aten.addmm_.default, aten.bmm.default}
+
+    class KernelClock(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds = {"matmul": 0.0, "attention": 0.0}
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+            kind = "matmul" if func in matmuls else None
+            if kind is None and "scaled_dot_product" in func.name():
+                kind = "attention"
+            if kind is None:
+                return func(*args, **(kwargs or {}))
+            t0 = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            self.seconds[kind] += time.perf_counter() - t0
+            return out
+
+    return KernelClock()

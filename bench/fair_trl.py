@@ -70,6 +70,7 @@ from common import (
     trl_settings,
     write_examples,
 )
+from profile_step import floor
 
 PAIRINGS = ("assistant", "all")
 
@@ -281,7 +282,11 @@ def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float)
     sides = [k.split("/")[1] for k in runs if k.startswith(f"{pairing}/")]
     trl_sides = [runs[f"{pairing}/{x}"] for x in sides if x.startswith("trl")]
     out: dict[str, Any] = {}
-    for side in sides:
+    if "floor" in sides:
+        out["floor"] = _summarise_floor(
+            runs[f"{pairing}/floor"], runs[f"{pairing}/trl"], trl_sides, peak
+        )
+    for side in (x for x in sides if x != "floor"):
         rs = runs[f"{pairing}/{side}"]
         trl = runs[f"{pairing}/trl"]
         flops = [model_flops(x["tokens"], x["head_rows"]) / x["seconds"] for x in rs]
@@ -301,6 +306,41 @@ def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float)
     return out
 
 
+def _summarise_floor(
+    rs: list[dict[str, Any]], trl: list[dict[str, Any]], trl_sides: list[Any], peak: float
+) -> dict[str, Any]:
+    """The ceiling: sftrun's step timed by its matmul and attention kernels alone."""
+    flops = [model_flops(x["tokens"], x["head_rows"]) for x in rs]
+    only_mm = [{"tokens_per_s": x["tokens"] / x["matmul_seconds"]} for x in rs]
+    return {
+        "to_best_trl": _ratios(rs, trl_sides),
+        "matmul_only_to_best_trl": _ratios(only_mm, trl_sides),
+        "same_tokens_and_first_loss_as_trl": all(
+            abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
+            for a, b in zip(rs, trl, strict=True)
+        ),
+        "share_of_matmul_peak": statistics.median(
+            f / x["seconds"] / peak for f, x in zip(flops, rs, strict=True)
+        ),
+        "matmul_share_of_matmul_peak": statistics.median(
+            f / x["matmul_seconds"] / peak for f, x in zip(flops, rs, strict=True)
+        ),
+    }
+
+
+def _print_floor(pairing: str, f: dict[str, Any]) -> None:
+    ratios = f["to_best_trl"]
+    print(
+        f"{pairing:<9} {'floor':<11} matmul + attention kernels alone x fastest TRL of the round "
+        + ", ".join(f"{x:.2f}" for x in ratios["per_round"])
+        + f" (median {ratios['median']:.2f}); matmuls alone: median "
+        f"{f['matmul_only_to_best_trl']['median']:.2f}; same work as TRL: "
+        f"{f['same_tokens_and_first_loss_as_trl']}; model FLOP/s at that floor "
+        f"{100 * f['share_of_matmul_peak']:.1f}% of the peak (matmuls alone "
+        f"{100 * f['matmul_share_of_matmul_peak']:.1f}%)"
+    )
+
+
 def report(record: dict[str, Any]) -> None:
     """Print a run's summary (from ``main`` or a saved ``--json`` file)."""
     peaks = record["matmul_peak_flops_per_s"]
@@ -313,6 +353,9 @@ def report(record: dict[str, Any]) -> None:
         by_side = _summarise(record["runs"], pairing, peak)
         record.setdefault("summary", {})[pairing] = by_side
         for side, s in by_side.items():
+            if side == "floor":
+                _print_floor(pairing, s)
+                continue
             best, default = s["to_best_trl"], s["to_trl_default"]
             print(
                 f"{pairing:<9} {side:<11} x fastest TRL of the round "
@@ -337,6 +380,11 @@ def main() -> None:
         action="store_true",
         help="skip the side with TRL's torch_compile=True (its compile is in the warm-up step)",
     )
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the ceiling: sftrun's step timed by its matmul and attention kernels alone",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--report", type=Path, help="print the summary of a saved --json run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -350,6 +398,7 @@ def main() -> None:
             "stock": lambda: child_sftrun(*run_args, stock=True),
             "trl": lambda: child_trl(*run_args),
             "trl-compile": lambda: child_trl(*run_args, compile_model=True),
+            "floor": lambda: floor(*run_args),
             "peak": matmul_peak,
         }
         print(json.dumps(children[args.child]()))
@@ -363,6 +412,7 @@ def main() -> None:
     meta = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "omp_threads": threads}
     meta |= _versions()
     sides = ("sftrun", "stock", "trl") + (() if args.no_trl_compile else ("trl-compile",))
+    sides += () if args.no_floor else ("floor",)
     print(f"{meta}\n{args.steps} timed steps x {args.rounds} rounds, {args.examples} examples")
     peaks = [run_child(["--child", "peak"])["flops_per_s"]]
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -372,6 +422,14 @@ def main() -> None:
                 child = ["--child", side, "--pairing", pairing, "--steps", str(args.steps)]
                 res = run_child([*child, "--examples", str(args.examples)])
                 runs[f"{pairing}/{side}"].append(res)
+                if side == "floor":
+                    print(
+                        f"  round {r + 1} {pairing:<9} floor       {res['tokens_per_s']:7.1f} "
+                        f"tokens/s over matmul {res['matmul_seconds']:.2f} s + attention "
+                        f"{res['attention_seconds']:.2f} s  first loss {res['first_loss']:.5f}",
+                        flush=True,
+                    )
+                    continue
                 print(
                     f"  round {r + 1} {pairing:<9} {side:<11} {res['tokens_per_s']:7.1f} tokens/s"
                     f"  first loss {res['first_loss']:.5f}  training peak "

@@ -30,7 +30,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from common import ACCUM, MAX_LEN, MICRO, MODEL, SEED, matmul_peak, model_flops, write_examples
+from common import (
+    ACCUM,
+    MAX_LEN,
+    MICRO,
+    MODEL,
+    SEED,
+    kernel_clock,
+    matmul_peak,
+    model_flops,
+    write_examples,
+)
 
 ELEMENTWISE = {
     "mul", "add", "copy", "fill", "silu", "silu_backward", "sum", "pow", "cat", "div", "sub",
@@ -43,9 +53,10 @@ MATMUL = {"aten::mm", "aten::addmm", "aten::addmm_"}
 
 
 def build(
-    train_on: str, examples: int, work: Path, fast_lora: bool = True
+    train_on: str, examples: int, work: Path, fast_lora: bool = True, n_steps: int = 8
 ) -> tuple[Any, list[list[dict[str, Any]]]]:
-    """sftrun's loss module on a fresh adapter, and the first optimizer steps' micro-batches."""
+    """sftrun's loss module on a fresh adapter, and the first ``n_steps`` optimizer steps'
+    micro-batches (sftrun's sampler order, cut as its loop cuts them on one process)."""
     import torch
 
     from sftrun.config import LoraSettings
@@ -64,18 +75,53 @@ def build(
     )
     batch = MICRO * ACCUM
     steps = []
-    for s in range(8):
+    for s in range(n_steps):
         ids = step_indices(SEED, len(data), s * batch, batch)
         chunks = [ids[i * MICRO : (i + 1) * MICRO] for i in range(ACCUM)]
         steps.append([collate(data, c, tokenizer.pad_token_id) for c in chunks])
     return LabelOnlyLoss(model), steps
 
 
-def run_step(loss_module: Any, batches: list[dict[str, Any]]) -> None:
+def run_step(loss_module: Any, batches: list[dict[str, Any]]) -> float:
+    """Forward and backward of one optimizer step, the loss normalised as sftrun's loop does
+    (by the step's label tokens); returns that loss. No optimizer update."""
+    labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
     for b in batches:
         loss_sum, _ = loss_module(**b)
-        (loss_sum / 100.0).backward()
+        (loss_sum / max(1, labels)).backward()
+        total += float(loss_sum)
     loss_module.zero_grad(set_to_none=True)
+    return total / max(1, labels)
+
+
+def floor(train_on: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
+    """The time sftrun's step spends inside matrix multiplies and attention kernels alone.
+
+    The same batches as bench/fair_trl.py's sides (one warm-up step, then ``steps`` timed
+    ones), forward and backward through sftrun's loss module and LoRA fast path, each kernel
+    timed by :func:`common.kernel_clock`. Whatever else a step does (element-wise work, dropout,
+    the optimizer, Python) adds to this, so tokens over these seconds bound the tokens/s of
+    any implementation that runs the same kernels at the rates they reach here.
+    """
+    loss_module, batches = build(train_on, examples, work, n_steps=steps + 2)
+    first_loss = run_step(loss_module, batches[0])
+    timed = batches[1 : 1 + steps]
+    with kernel_clock() as clock:
+        for step in timed:
+            run_step(loss_module, step)
+    tokens = sum(int(b["attention_mask"].sum()) for s in timed for b in s)
+    head_rows = sum(int((b["labels"][:, 1:] != -100).sum()) for s in timed for b in s)
+    return {
+        "tokens": tokens,
+        "head_rows": head_rows,
+        "first_loss": first_loss,
+        "matmul_seconds": clock.seconds["matmul"],
+        "attention_seconds": clock.seconds["attention"],
+        # The floor's rate: as if every other part of the step took no time.
+        "seconds": clock.seconds["matmul"] + clock.seconds["attention"],
+        "tokens_per_s": tokens / (clock.seconds["matmul"] + clock.seconds["attention"]),
+    }
 
 
 def _matmul_kind(shapes: list[Any]) -> tuple[str, float] | None:
