@@ -26,6 +26,7 @@ from sftrun import constants as C
 from sftrun.config import LoraSettings, QuantizationSettings
 from sftrun.errors import ModelError
 from sftrun.fastlora import use_fast_lora
+from sftrun.headloss import head_cross_entropy
 
 log = logging.getLogger("sftrun")
 
@@ -413,7 +414,8 @@ class LabelOnlyLoss(nn.Module):
 
     Runs the decoder over every position but the LM head only where a label exists: in chat
     SFT most tokens are prompt tokens, so this skips most of the vocabulary projection and
-    never materialises full-vocabulary logits. Wrapping the PEFT model in a module (rather
+    never materialises full-vocabulary logits; on the CPU the head's cross-entropy computes its
+    gradient in the forward (:mod:`sftrun.headloss`). Wrapping the PEFT model in a module (rather
     than calling its parts from the loop) keeps DDP's gradient hooks in the forward path.
     """
 
@@ -431,9 +433,11 @@ class LabelOnlyLoss(nn.Module):
         ).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != C.IGNORE_INDEX
-        logits = base.get_output_embeddings()(hidden[:, :-1][mask])
+        rows, head = hidden[:, :-1][mask], base.get_output_embeddings()
         cap = getattr(base.config, "final_logit_softcapping", None)
         if cap:  # Gemma 2/3 squash the logits after the head (their forward does it there)
-            logits = torch.tanh(logits / cap) * cap
-        loss_sum = nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+            logits = torch.tanh(head(rows) / cap) * cap
+            loss_sum = nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
+        else:
+            loss_sum = head_cross_entropy(rows, head, targets[mask])
         return loss_sum, mask.sum()
