@@ -23,7 +23,10 @@ Four sides per pairing, each run its own process, the order alternating between 
 forward together (what sftrun's loop alone is worth); ``trl`` (TRL's defaults); ``trl-compile``
 (TRL with ``torch_compile=True``; its compile falls in the warm-up step; ``--no-trl-compile``
 skips it). sftrun has no compile option: bench/profile_step.py's ``--compile`` measurements,
-given in bench/README.md, kept torch.compile out.
+given in bench/README.md, kept torch.compile out. And a ceiling, ``floor``: sftrun's step on
+the same batches with only the time inside its matrix multiplies and attention kernels counted
+(bench/profile_step.py's ``floor``), the most any implementation running those kernels at this
+machine's rates could reach (``--no-floor`` skips it).
 
 Reported per round: trained (non-padding) tokens/s over the timed steps (the first is warm-up),
 counted from the batches each side trained on (sftrun's batches through its hooks, TRL's
@@ -31,7 +34,8 @@ through the trainer's own ``num_input_tokens_seen``); the ratio to the fastest T
 same round and to TRL's defaults; the training-peak RSS (sampled from the first step on)
 separately from the load peak; the model FLOP/s against this machine's fp32 matmul peak,
 measured before and after the rounds (the higher of the two is used). The headline is the
-median of the per-round ratios of sftrun to the fastest TRL side, with min and max.
+median of the per-round ratios of sftrun to the fastest TRL side, with min and max; the floor's
+ratio to the same TRL side and its share of the matmul peak say what is left to gain.
 
     python bench/fair_trl.py --json bench/fair_results.json   # 6 timed steps x 3 rounds
     python bench/fair_trl.py --steps 3 --rounds 1 --no-trl-compile
