@@ -41,7 +41,7 @@ test-fast: install
 
 # Side by side with TRL's SFTTrainer on the same work (TRL is a bench-only dependency), then
 # where a step goes, the fused-GEMM candidate, the older TRL comparison, one process against
-# two (torchrun) and the cost of mirror_to: about 45 min on 2 cores.
+# two (torchrun) and the cost of mirror_to: about an hour on 2 cores.
 bench: install model
 	$(PIP) install --quiet -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(PY) bench/fair_trl.py --json bench/fair_results.json
