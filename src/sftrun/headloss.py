@@ -11,7 +11,9 @@ when it is reduced and multiplied back, and the full logits live only during the
 On the 2-core bench machine (SmolLM2-135M's 49152 x 576 head, fp32, forward + backward, medians
 of 8, two alternating runs each): 390 rows 331 / 334 ms against 361 / 380 ms, 130 rows 113 / 111
 ms against 127 / 124 ms, and the logits' memory is returned before the backward. The rows'
-gradient is as close to a float64 reference as the stock path's (tests/test_headloss.py).
+gradient is as close to a float64 reference as the stock path's (tests/test_headloss.py). In
+a whole training step of that model the time is within 1% of the stock loss (the head is a
+small part of it); what shows is the memory: 0.13 GiB less peak with the loss on every token.
 Anything else (a GPU, half precision, autocast, a
 trainable or biased head, evaluation without gradients) keeps the stock path.
 """
