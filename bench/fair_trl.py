@@ -280,6 +280,14 @@ def _ratios(ours: list[dict[str, Any]], theirs: list[list[dict[str, Any]]]) -> d
     }
 
 
+def _same_work(rs: list[dict[str, Any]], trl: list[dict[str, Any]]) -> bool:
+    """Whether every round of ``rs`` trained TRL's batches: the same first loss and tokens."""
+    return all(
+        abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
+        for a, b in zip(rs, trl, strict=True)
+    )
+
+
 def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float) -> dict[str, Any]:
     """For every side: per-round ratios to TRL's default and to the fastest TRL configuration
     of the round (the headline), whether it did TRL's work, peak RSS and model FLOP/s."""
@@ -297,10 +305,7 @@ def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float)
         out[side] = {
             "to_trl_default": _ratios(rs, [trl]),
             "to_best_trl": _ratios(rs, trl_sides),
-            "same_tokens_and_first_loss_as_trl": all(
-                abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
-                for a, b in zip(rs, trl, strict=True)
-            ),
+            "same_tokens_and_first_loss_as_trl": _same_work(rs, trl),
             "train_peak_rss": statistics.median(x["train_peak_rss"] for x in rs),
             "lowest_train_peak_rss": min(x["train_peak_rss"] for x in rs),
             "load_peak_rss": statistics.median(x["load_peak_rss"] for x in rs),
@@ -319,10 +324,7 @@ def _summarise_floor(
     return {
         "to_best_trl": _ratios(rs, trl_sides),
         "matmul_only_to_best_trl": _ratios(only_mm, trl_sides),
-        "same_tokens_and_first_loss_as_trl": all(
-            abs(a["first_loss"] - b["first_loss"]) < 1e-3 and a["tokens"] == b["tokens"]
-            for a, b in zip(rs, trl, strict=True)
-        ),
+        "same_tokens_and_first_loss_as_trl": _same_work(rs, trl),
         "share_of_matmul_peak": statistics.median(
             f / x["seconds"] / peak for f, x in zip(flops, rs, strict=True)
         ),

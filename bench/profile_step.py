@@ -95,6 +95,13 @@ def run_step(loss_module: Any, batches: list[dict[str, Any]]) -> float:
     return total / max(1, labels)
 
 
+def counts(steps: list[list[dict[str, Any]]]) -> tuple[int, int]:
+    """(trained tokens, rows the LM head runs on: labelled positions) over these steps."""
+    tokens = sum(int(b["attention_mask"].sum()) for s in steps for b in s)
+    heads = sum(int((b["labels"][:, 1:] != -100).sum()) for s in steps for b in s)
+    return tokens, heads
+
+
 def floor(train_on: str, steps: int, examples: int, work: Path) -> dict[str, Any]:
     """The time sftrun's step spends inside matrix multiplies and attention kernels alone.
 
@@ -110,17 +117,17 @@ def floor(train_on: str, steps: int, examples: int, work: Path) -> dict[str, Any
     with kernel_clock() as clock:
         for step in timed:
             run_step(loss_module, step)
-    tokens = sum(int(b["attention_mask"].sum()) for s in timed for b in s)
-    head_rows = sum(int((b["labels"][:, 1:] != -100).sum()) for s in timed for b in s)
+    tokens, head_rows = counts(timed)
+    # The floor's rate: as if every other part of the step took no time.
+    seconds = clock.seconds["matmul"] + clock.seconds["attention"]
     return {
         "tokens": tokens,
         "head_rows": head_rows,
         "first_loss": first_loss,
         "matmul_seconds": clock.seconds["matmul"],
         "attention_seconds": clock.seconds["attention"],
-        # The floor's rate: as if every other part of the step took no time.
-        "seconds": clock.seconds["matmul"] + clock.seconds["attention"],
-        "tokens_per_s": tokens / (clock.seconds["matmul"] + clock.seconds["attention"]),
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
     }
 
 
@@ -195,10 +202,7 @@ def main() -> None:
             continue
         seconds[f"matmul: {kind[0]}"] += spent
         flops[f"matmul: {kind[0]}"] += kind[1] * e.count / args.steps
-    tokens = sum(int(b["attention_mask"].sum()) for s in steps[1 : 1 + args.steps] for b in s)
-    heads = sum(
-        int((b["labels"][:, 1:] != -100).sum()) for s in steps[1 : 1 + args.steps] for b in s
-    )
+    tokens, heads = counts(steps[1 : 1 + args.steps])
     useful = model_flops(tokens, heads) / args.steps
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
     print(f"{wall:.3f} s/step ({profiled:.3f} under the profiler); model FLOP/s "

@@ -14,8 +14,8 @@ ms against 127 / 124 ms, and the logits' memory is returned before the backward.
 gradient is as close to a float64 reference as the stock path's (tests/test_headloss.py). In
 a whole training step of that model the time is within 1% of the stock loss (the head is a
 small part of it); what shows is the memory: 0.13 GiB less peak with the loss on every token.
-Anything else (a GPU, half precision, autocast, a
-trainable or biased head, evaluation without gradients) keeps the stock path.
+Anything else (a GPU, half precision, autocast, a trainable or biased head, evaluation without
+gradients) keeps the stock path.
 """
 
 from __future__ import annotations
