@@ -95,19 +95,24 @@ def trl_lora() -> Any:
 
 
 class StepClock:
-    """Start time and trained (non-padding) tokens of every optimizer step, through hooks."""
+    """Start time, process CPU time (user and kernel, every thread) and trained (non-padding)
+    tokens of every optimizer step, through hooks."""
 
     def __init__(self) -> None:
         self.starts: dict[int, float] = {}
+        self.cpu: dict[int, tuple[float, float]] = {}
         self.tokens: dict[int, int] = {}
         self.labels: dict[int, int] = {}
         self._step = 0
 
     def on_step_start(self, step: int) -> None:
+        import resource
         import time
 
         self._step = step
         self.starts[step] = time.perf_counter()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu[step] = (usage.ru_utime, usage.ru_stime)
 
     def on_batch(self, batch: dict[str, Any]) -> None:
         count = int(batch["attention_mask"].sum())

@@ -112,10 +112,19 @@ def _load_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _rate(starts: dict[int, float], tokens: dict[int, int], steps: int) -> dict[str, float]:
-    seconds = starts[steps + 1] - starts[1]
+def _rate(clock: StepClock, tokens: dict[int, int], steps: int) -> dict[str, Any]:
+    """Tokens/s over steps 1..``steps``, and the process's CPU seconds in them: user, and
+    kernel (page faults, memory mapping: what the operating system does for the step)."""
+    seconds = clock.starts[steps + 1] - clock.starts[1]
     n = sum(tokens[k] for k in range(1, steps + 1))
-    return {"tokens": n, "seconds": seconds, "tokens_per_s": n / seconds}
+    (user0, sys0), (user1, sys1) = clock.cpu[1], clock.cpu[steps + 1]
+    return {
+        "tokens": n,
+        "seconds": seconds,
+        "tokens_per_s": n / seconds,
+        "user_seconds": user1 - user0,
+        "sys_seconds": sys1 - sys0,
+    }
 
 
 def child_sftrun(
@@ -171,7 +180,7 @@ def child_sftrun(
     # Rows the LM head ran on: labelled positions only, or every position in the ablation.
     head_rows = sum((clock.tokens if stock else clock.labels)[k] for k in range(1, steps + 1))
     return {
-        **_rate(clock.starts, clock.tokens, steps),
+        **_rate(clock, clock.tokens, steps),
         "head_rows": head_rows,
         "saved_checkpoints": len(saved),
         "first_loss": history[0]["loss"],
@@ -221,7 +230,7 @@ def child_trl(
         processing_class=tokenizer,
         peft_config=peft,
     )
-    starts: dict[int, float] = {}
+    clock = StepClock()
     seen: dict[int, int] = {}  # the trainer's own count of non-padding tokens, per step
     rss = PeakRss()
     load_peak: list[int] = []
@@ -231,11 +240,11 @@ def child_trl(
             if state.global_step == 0:
                 load_peak.append(_load_peak())
                 rss.start()
-            starts[state.global_step] = time.perf_counter()
+            clock.on_step_start(state.global_step)
             seen[state.global_step] = state.num_input_tokens_seen
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            starts[state.global_step] = time.perf_counter()
+            clock.on_step_start(state.global_step)
             seen[state.global_step] = state.num_input_tokens_seen
 
     trainer.add_callback(Clock())
@@ -244,7 +253,7 @@ def child_trl(
     tokens = {k: seen[k + 1] - seen[k] for k in range(steps + 1)}
     saved = list((work / "trl").glob("checkpoint-*/optimizer.pt"))
     return {
-        **_rate(starts, tokens, steps),
+        **_rate(clock, tokens, steps),
         "head_rows": sum(tokens[k] for k in range(1, steps + 1)),  # every position
         "saved_checkpoints": len(saved),
         "first_loss": first_loss,
@@ -312,6 +321,11 @@ def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float)
             "model_flops_per_s": statistics.median(flops),
             "share_of_matmul_peak": statistics.median(flops) / peak,
         }
+        if all("sys_seconds" in x for x in rs):  # recorded since 2026-11-29 22:30
+            cpu = [x["user_seconds"] + x["sys_seconds"] for x in rs]
+            out[side]["sys_share_of_cpu"] = statistics.median(
+                x["sys_seconds"] / c for x, c in zip(rs, cpu, strict=True)
+            )
     return out
 
 
@@ -373,6 +387,11 @@ def report(record: dict[str, Any]) -> None:
                 f"{s['lowest_train_peak_rss'] / 2**30:.2f}; model FLOP/s "
                 f"{s['model_flops_per_s'] / 1e9:.1f} G = {100 * s['share_of_matmul_peak']:.1f}% "
                 "of the peak"
+                + (
+                    f"; kernel (sys) share of its CPU time {100 * s['sys_share_of_cpu']:.1f}%"
+                    if "sys_share_of_cpu" in s
+                    else ""
+                )
             )
 
 
@@ -440,7 +459,8 @@ def main() -> None:
                     f"  round {r + 1} {pairing:<9} {side:<11} {res['tokens_per_s']:7.1f} tokens/s"
                     f"  first loss {res['first_loss']:.5f}  training peak "
                     f"{res['train_peak_rss'] / 2**30:.2f} GiB (load peak "
-                    f"{res['load_peak_rss'] / 2**30:.2f})",
+                    f"{res['load_peak_rss'] / 2**30:.2f})  CPU user {res['user_seconds']:.1f} s "
+                    f"+ sys {res['sys_seconds']:.1f} s",
                     flush=True,
                 )
     peaks.append(run_child(["--child", "peak"])["flops_per_s"])
