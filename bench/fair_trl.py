@@ -18,7 +18,9 @@ gradient checkpointing, the same number of steps, and the same save protocol: on
 the RSS window. TRL samples with ``train_sampling_strategy="sequential"`` (length grouping
 would reorder the batches, so it is out on both sides).
 
-Four sides per pairing, each run its own process, the order alternating between rounds:
+Four sides per pairing, each run its own process, one after another (not in turns step by
+step: on this virtual machine a paused process pays again for its memory, bench/README.md),
+the order alternating between rounds:
 ``sftrun``; ``stock``, the ablation with the LM head over every position and PEFT's own LoRA
 forward together (what sftrun's loop alone is worth); ``trl`` (TRL's defaults); ``trl-compile``
 (TRL with ``torch_compile=True``; its compile falls in the warm-up step; ``--no-trl-compile``
@@ -32,7 +34,8 @@ Reported per round: trained (non-padding) tokens/s over the timed steps (the fir
 counted from the batches each side trained on (sftrun's batches through its hooks, TRL's
 through the trainer's own ``num_input_tokens_seen``); the ratio to the fastest TRL side of the
 same round and to TRL's defaults; the training-peak RSS (sampled from the first step on)
-separately from the load peak; the model FLOP/s against this machine's fp32 matmul peak,
+separately from the load peak; the process's user and kernel (sys) CPU seconds over the
+timed steps; the model FLOP/s against this machine's fp32 matmul peak,
 measured before and after the rounds (the higher of the two is used). The headline is the
 median of the per-round ratios of sftrun to the fastest TRL side, with min and max; the floor's
 ratio to the same TRL side and its share of the matmul peak say what is left to gain.

@@ -12,10 +12,12 @@ Two replacements, used only where they give the same result:
 - :class:`SparseDropout` draws the *gaps* between dropped elements. Gaps between the successes
   of i.i.d. Bernoulli(p) trials are i.i.d. geometric(p), so the dropped set has exactly
   ``nn.Dropout``'s distribution, from about p·n random numbers instead of n.
-- :func:`use_fast_lora` gives each PEFT ``lora.Linear`` a forward that never builds the masked
-  copy: ``lora_A(dropout(x)) = s·(x·Aᵀ - x_D·Aᵀ)``, where ``x_D`` holds only the p·n dropped
-  elements and ``s = 1/(1-p)``; the scales fold into the r-wide intermediate and the sum into
-  one ``addmm``. Its backward is written out below.
+- :func:`use_fast_lora` gives each PEFT ``lora.Linear`` a forward that makes one copy of ``x``
+  with the dropped elements zeroed (``index_fill_``, no scaling pass): ``lora_A(dropout(x)) =
+  s·(x with zeros)·Aᵀ`` with ``s = 1/(1-p)``. The scales fold into the r-wide intermediate and
+  the sum into one in-place ``addmm_`` on the base layer's output. Its backward is written out
+  below. (Subtracting a sparse correction ``x_D·Aᵀ`` instead of copying was measured and lost:
+  its backward gather cost more than the copy, bench/README.md.)
 
 Random numbers come from torch's default CPU generator, which checkpoints save, so a resume
 stays bit-exact. Other devices (CUDA has fused dropout kernels), evaluation, merged or disabled
