@@ -200,7 +200,9 @@ def kernel_clock() -> Any:
             super().__init__()
             self.seconds = {"matmul": 0.0, "attention": 0.0}
 
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):  # type: ignore[no-untyped-def]
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
             kind = "matmul" if func in matmuls else None
             if kind is None and "scaled_dot_product" in func.name():
                 kind = "attention"
