@@ -43,11 +43,13 @@ ratio to the same TRL side and its share of the matmul peak say what is left to 
     python bench/fair_trl.py --json bench/fair_results.json   # 6 timed steps x 3 rounds
     python bench/fair_trl.py --steps 3 --rounds 1 --no-trl-compile
     python bench/fair_trl.py --report bench/fair_results.json # the summary of a saved run
+    python bench/fair_trl.py --report a.json b.json           # rounds of runs pooled
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -398,6 +400,51 @@ def report(record: dict[str, Any]) -> None:
             )
 
 
+def _code(commit: str, path: str) -> str | None:
+    """The AST of ``path`` at ``commit`` without docstrings (comments are not in it), or None
+    where the file is absent or not Python."""
+    shown = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, cwd=REPO)
+    if shown.returncode != 0 or not path.endswith(".py"):
+        return None
+    tree = ast.parse(shown.stdout)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                body.pop(0)
+    return ast.dump(tree)
+
+
+def _same_code(a: str, b: str) -> bool:
+    """Whether commits ``a`` and ``b`` hold the same sftrun code: every file under src/ that
+    differs differs only in docstrings and comments."""
+    changed = subprocess.run(
+        ["git", "diff", "--name-only", a, b, "--", "src"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    ).stdout.split()
+    return all(_code(a, f) is not None and _code(a, f) == _code(b, f) for f in changed)
+
+
+def pooled(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record holding every round of ``records``, which must have been made with the same
+    sftrun code (:func:`_same_code`). The matmul peak is the highest the runs measured, before
+    and after (so drift does not flatter the share)."""
+    commits = [r["meta"]["sftrun_commit"] for r in records]
+    for commit in commits[1:]:
+        if not _same_code(commits[0], commit):
+            raise SystemExit(f"runs at {commits[0]} and {commit} ran different sftrun code")
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        for key, rounds in record["runs"].items():
+            runs[key].extend(rounds)
+    peaks = [max(r["matmul_peak_flops_per_s"][i] for r in records) for i in (0, 1)]
+    meta = {**records[0]["meta"], "sftrun_commit": ", ".join(commits)}
+    return {"meta": meta, "matmul_peak_flops_per_s": peaks, "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
@@ -414,7 +461,13 @@ def main() -> None:
         help="skip the ceiling: sftrun's step timed by its matmul and attention kernels alone",
     )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--report", type=Path, help="print the summary of a saved --json run")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        help="print the summary of a saved --json run; given several runs of the same sftrun "
+        "code (src/ differing at most in docstrings and comments), their rounds are pooled",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--pairing", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -432,7 +485,7 @@ def main() -> None:
         print(json.dumps(children[args.child]()))
         return
     if args.report:
-        report(json.loads(args.report.read_text()))
+        report(pooled([json.loads(p.read_text()) for p in args.report]))
         return
     if not (MODEL / "config.json").is_file():
         raise SystemExit("run `make model` (sftrun model prepare) first")
