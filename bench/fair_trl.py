@@ -327,9 +327,8 @@ def _summarise(runs: dict[str, list[dict[str, Any]]], pairing: str, peak: float)
             "share_of_matmul_peak": statistics.median(flops) / peak,
         }
         if all("sys_seconds" in x for x in rs):  # recorded since 2026-11-29 22:30
-            cpu = [x["user_seconds"] + x["sys_seconds"] for x in rs]
             out[side]["sys_share_of_cpu"] = statistics.median(
-                x["sys_seconds"] / c for x, c in zip(rs, cpu, strict=True)
+                x["sys_seconds"] / (x["user_seconds"] + x["sys_seconds"]) for x in rs
             )
     return out
 
@@ -403,8 +402,10 @@ def report(record: dict[str, Any]) -> None:
 def _code(commit: str, path: str) -> str | None:
     """The AST of ``path`` at ``commit`` without docstrings (comments are not in it), or None
     where the file is absent or not Python."""
+    if not path.endswith(".py"):
+        return None
     shown = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, cwd=REPO)
-    if shown.returncode != 0 or not path.endswith(".py"):
+    if shown.returncode != 0:
         return None
     tree = ast.parse(shown.stdout)
     for node in ast.walk(tree):
@@ -418,14 +419,19 @@ def _code(commit: str, path: str) -> str | None:
 def _same_code(a: str, b: str) -> bool:
     """Whether commits ``a`` and ``b`` hold the same sftrun code: every file under src/ that
     differs differs only in docstrings and comments."""
-    changed = subprocess.run(
-        ["git", "diff", "--name-only", a, b, "--", "src"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    ).stdout.split()
-    return all(_code(a, f) is not None and _code(a, f) == _code(b, f) for f in changed)
+    diff = subprocess.run(
+        ["git", "diff", "--name-only", a, b, "--", "src"], capture_output=True, text=True, cwd=REPO
+    )
+    if diff.returncode != 0:
+        raise SystemExit(
+            f"cannot compare the runs' commits {a} and {b} with git ({diff.stderr.strip()}); "
+            "pool runs whose commits this clone has"
+        )
+    for path in diff.stdout.split():
+        before = _code(a, path)
+        if before is None or before != _code(b, path):
+            return False
+    return True
 
 
 def pooled(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -435,7 +441,10 @@ def pooled(records: list[dict[str, Any]]) -> dict[str, Any]:
     commits = [r["meta"]["sftrun_commit"] for r in records]
     for commit in commits[1:]:
         if not _same_code(commits[0], commit):
-            raise SystemExit(f"runs at {commits[0]} and {commit} ran different sftrun code")
+            raise SystemExit(
+                f"runs at {commits[0]} and {commit} ran different sftrun code (src/ differs in "
+                "more than docstrings); report them one at a time"
+            )
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         for key, rounds in record["runs"].items():
