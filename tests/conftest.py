@@ -197,3 +197,18 @@ def copy_into_workdir(workdir: Path):
         return workdir
 
     return copy
+
+
+# A finished 12-step run (checkpoints 3, 6, 9, 12 of one run), built once per session.
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, sample_dir: Path) -> Path:
+    cwd = tmp_path_factory.mktemp("finished")
+    settings = tiny_settings(tiny_model, sample_dir, eval_file=None)
+    write_config(cwd / "config.yaml", settings)
+    return main_in(cwd, ["train", "-y", "--config", "config.yaml"])
+
+
+@pytest.fixture
+def run(finished: Path, copy_into_workdir) -> Path:
+    """A private copy of the finished run as the working directory; returns the run folder."""
+    return copy_into_workdir(finished) / "checkpoints/sft_model"

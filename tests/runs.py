@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -59,3 +62,42 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def entries(folder: Path) -> list[str]:
     """The names in a run folder, sorted, without the run lock's own files."""
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".sftrun.lock"))
+
+
+def tree(root: Path) -> dict[str, Any]:
+    """Every entry below ``root`` (links not followed): type plus content hash or target."""
+    found: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = ("link", os.readlink(path))
+            elif stat.S_ISREG(st.st_mode):
+                found[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+            elif stat.S_ISDIR(st.st_mode):
+                found[rel] = ("dir",)
+            else:
+                found[rel] = ("other", stat.S_IFMT(st.st_mode))
+    return found
+
+
+def changed(before: dict[str, Any], after: dict[str, Any], ignore: tuple[str, ...] = ()) -> set:
+    """Paths added, removed or modified, except those under an ``ignore`` prefix."""
+    keys = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    return {k for k in keys if not k.startswith(ignore)}
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; its exit code, stdout and stderr."""
+    from sftrun.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err

@@ -12,14 +12,21 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import main_in, tiny_settings, write_config
-from tests.runs import adapter, entries, run_sftrun, trainer_state
+from tests.runs import (
+    adapter,
+    changed,
+    cli,
+    entries,
+    one_line_error,
+    run_sftrun,
+    trainer_state,
+    tree,
+)
 
 from sftrun import checkpoint
 from sftrun.cli import main
@@ -27,58 +34,8 @@ from sftrun.cli import main
 OUT = Path("checkpoints/sft_model")
 
 
-def tree(root: Path) -> dict[str, Any]:
-    """Every entry below ``root`` (links not followed): type plus content hash or target."""
-    found: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                found[rel] = ("link", os.readlink(path))
-            elif stat.S_ISREG(st.st_mode):
-                found[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
-            elif stat.S_ISDIR(st.st_mode):
-                found[rel] = ("dir",)
-            else:
-                found[rel] = ("other", stat.S_IFMT(st.st_mode))
-    return found
-
-
-def changed(before: dict[str, Any], after: dict[str, Any], ignore: tuple[str, ...] = ()) -> set:
-    """Paths added, removed or modified, except those under an ``ignore`` prefix."""
-    keys = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-    return {k for k in keys if not k.startswith(ignore)}
-
-
 # Files every command may create: its own log and the data stage's cache and stats.
 SIDE_FILES = ("outputs/logs", "outputs/1_data")
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, sample_dir: Path) -> Path:
-    cwd = tmp_path_factory.mktemp("hostile")
-    settings = tiny_settings(tiny_model, sample_dir, eval_file=None)
-    write_config(cwd / "config.yaml", settings)
-    return main_in(cwd, ["train", "-y", "--config", "config.yaml"])
-
-
-@pytest.fixture
-def run(finished: Path, copy_into_workdir) -> Path:
-    """A private copy of the finished run as the working directory; returns the run folder."""
-    return copy_into_workdir(finished) / OUT
 
 
 def train(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -79,8 +79,10 @@ def test_every_checkpoint_reaches_the_mirror_manifest_last(
     final = [line for line in out.splitlines() if line.startswith(f"mirror {url}: uploaded ")]
     assert len(final) == 1 and final[0].endswith("checkpoint-12") and "FAILED" not in final[0]
     fs = _fs()
-    # Rotation applies to the mirror too: it keeps what the local folder keeps.
+    # Rotation applies to the mirror too: it keeps what the local folder keeps; the marker
+    # says whose mirror it is.
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/full")) == [
+        ".sftrun-mirror.json",
         "checkpoint-12",
         "checkpoint-9",
     ]

@@ -144,6 +144,12 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{C.CHECKPOINT_PREFIX}{step}"
 
 
+def step_of(path: Path) -> int:
+    """The step in a ``checkpoint-<step>`` folder's name (-1 for any other name)."""
+    match = C.CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in ("sftrun", "torch", "transformers", "peft", "accelerate", "safetensors"):

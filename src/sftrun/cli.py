@@ -293,7 +293,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sftrun.export import default_export_dir, merge
 
     out = args.out or default_export_dir(args.checkpoint)
-    report = merge(args.checkpoint, out, args.base)
+    report = merge(args.checkpoint, out, args.base, args.hooks)
     print(
         f"wrote {report['path']}: merged model + tokenizer; reloaded with transformers, max "
         f"logit difference to the adapter model {report['max_abs_logit_diff']:.1e}"

@@ -33,6 +33,7 @@ TMP_DOWNLOAD_PREFIX = ".tmp-download-"
 SUPERSEDED_PREFIX = "superseded-"
 LOCK_FILE = ".sftrun.lock"
 LOCK_INFO_FILE = ".sftrun.lock.json"
+MIRROR_MARKER_FILE = ".sftrun-mirror.json"  # at a mirror's root: the run it belongs to
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

@@ -3,16 +3,23 @@
 Owns ``sftrun merge`` and ``sftrun chat``. Reads checkpoints only through ``checkpoint.load``
 (verified, no unpickling), and checks that the base model is the one the adapter was trained
 on before using it. An export folder carries a marker (``.sftrun-export.json``) naming the
-checkpoint it came from; merge replaces only an earlier export of the same checkpoint and
-never deletes a folder without that marker.
+checkpoint it came from and the files the export wrote; merge replaces only those files of an
+earlier export of the same checkpoint (a file the user added stays), never deletes a folder,
+and of two merges racing for one new folder only one succeeds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import stat
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ from sftrun import checkpoint
 from sftrun import constants as C
 from sftrun.config import LoraSettings
 from sftrun.errors import CheckpointError, ModelError
+from sftrun.hooks import RunHooks
 from sftrun.modeling import (
     Backend,
     load_lora_model,
@@ -90,7 +98,9 @@ def load_base_model(
     return Loaded(model, tokenizer, base_path, {}, {})
 
 
-def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[str, Any]:
+def merge(
+    ckpt: str | Path, out: str | Path, base: str | None = None, hooks: RunHooks | None = None
+) -> dict[str, Any]:
     """Write base + adapter as one plain HF model folder (with tokenizer and chat template).
 
     The folder is written next to ``out`` and renamed into place; the merged model is reloaded
@@ -100,7 +110,7 @@ def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[st
 
     target = Path(out)
     marker = _export_marker(ckpt)
-    _check_export_target(target, marker, ckpt)  # before the slow part
+    fresh = _check_export_target(target, marker, ckpt)  # before the slow part
     loaded = load_adapter_model(ckpt, base)
     probe = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Check the merge."}],
@@ -112,11 +122,12 @@ def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[st
         want = loaded.model(**probe).logits
     merged = loaded.model.merge_and_unload()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    tmp.mkdir()  # fails if it exists: never reuses a folder this call did not make
+    # A new private folder beside --out (same disk: the final renames are atomic).
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         merged.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        marker["files"] = sorted(p.name for p in tmp.iterdir())  # what a re-export replaces
         (tmp / C.EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -124,7 +135,8 @@ def merge(ckpt: str | Path, out: str | Path, base: str | None = None) -> dict[st
         diff = float((got - want).abs().max())
         if diff > 1e-3:
             raise ModelError(f"the merged model's logits differ from the adapter's by {diff:.2e}")
-        _replace(tmp, target)
+        (hooks or RunHooks()).before_export_lands(target)
+        _replace(tmp, target, marker, ckpt, fresh)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)  # made above by this call
@@ -148,44 +160,98 @@ def _export_marker(ckpt: str | Path) -> dict[str, Any]:
     }
 
 
-def _same_export(folder: Path, marker: dict[str, Any]) -> bool:
+def _read_marker(folder: Path) -> dict[str, Any] | None:
     try:
-        found = json.loads((folder / C.EXPORT_MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
+        fd = os.open(folder / C.EXPORT_MARKER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = fh.read(1 << 20)
+    try:
+        found = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _same_export(folder: Path, marker: dict[str, Any]) -> bool:
+    found = _read_marker(folder)
     keys = ("run_id", "step", "adapter_sha256")
-    return isinstance(found, dict) and all(found.get(k) == marker[k] for k in keys)
+    return found is not None and all(found.get(k) == marker[k] for k in keys)
 
 
-def _check_export_target(target: Path, marker: dict[str, Any], ckpt: str | Path) -> None:
-    """Refuse an ``--out`` that is not new, empty, or an export of this same checkpoint."""
+def _check_export_target(target: Path, marker: dict[str, Any], ckpt: str | Path) -> bool:
+    """Refuse an ``--out`` that is not new, empty, or an export of this same checkpoint;
+    True when it is new or empty (then it must still be so when the export lands)."""
     if target.is_symlink():
         raise CheckpointError(f"--out {target} is a symbolic link; pass a real folder path")
     if not target.exists():
-        return
+        return True
     if not target.is_dir():
         raise CheckpointError(f"--out {target} is a file; pass a folder path")
-    if any(target.iterdir()) and not _same_export(target, marker):
+    if not any(target.iterdir()):
+        return True
+    if not _same_export(target, marker):
         raise CheckpointError(
             f"--out {target} is not empty and is not an earlier export of {ckpt}; sftrun "
             "replaces only its own export of the same checkpoint; pass a new folder"
         )
+    return False
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Put the finished export in place; an earlier export of the same checkpoint is removed
-    only after the new one is there."""
-    if not target.exists():
-        os.rename(tmp, target)
+@contextlib.contextmanager
+def _folder_lock(target: Path, ckpt: str | Path) -> Iterator[None]:
+    """An exclusive lock on the export folder itself (no file is added to it)."""
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(
+                f"--out {target} is being written by another merge of {ckpt}; wait for it, "
+                "or pass another folder"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace(
+    tmp: Path, target: Path, marker: dict[str, Any], ckpt: str | Path, fresh: bool
+) -> None:
+    """Put the finished export in place.
+
+    A folder that was new or empty when the merge started is claimed by one rename, which
+    fails when anything got there first (of two merges racing for one folder, one succeeds).
+    An earlier export of the same checkpoint has the files its marker lists replaced one by
+    one, under a lock on the folder; files the user added there are left as they are.
+    """
+    lost = CheckpointError(
+        f"--out {target} was written by another command while this merge ran; it was left "
+        "as that command wrote it; pass another folder"
+    )
+    if fresh:
+        try:
+            os.rename(tmp, target)  # onto a missing or empty folder only
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise lost from None
+            raise
         return
-    old = target.parent / f".old-{target.name}-{os.getpid()}"
-    if any(target.iterdir()):
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)  # carries our marker for this checkpoint (checked before)
-    else:
-        os.rmdir(target)  # empty: nothing to lose
-        os.rename(tmp, target)
+    with _folder_lock(target, ckpt):
+        if any(target.iterdir()) and not _same_export(target, marker):
+            raise lost  # checked before the slow part; changed since
+        old = _read_marker(target) or {}
+        ours = set(old.get("files") or []) | set(marker["files"])
+        for name in marker["files"]:
+            os.replace(tmp / name, target / name)
+        for name in sorted(ours - set(marker["files"])):  # the old export's, not written now
+            path = target / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        os.replace(tmp / C.EXPORT_MARKER_FILE, target / C.EXPORT_MARKER_FILE)  # last
 
 
 def default_export_dir(ckpt: str | Path) -> Path:

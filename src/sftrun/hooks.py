@@ -47,3 +47,6 @@ class RunHooks:
     make_loss: Callable[[Any], nn.Module] | None = None
     # sftrun's CPU LoRA fast path (``fastlora``); False runs PEFT's own forward.
     fast_lora: bool = True
+    # ``merge``: after the export is written and checked, just before it is put at ``--out``
+    # (its target folder): another command may land there first.
+    before_export_lands: Callable[[Path], None] = _nothing

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftrun import checkpoint
+from sftrun.errors import CheckpointError
 from sftrun.monitor import fmt_bytes
 
 if TYPE_CHECKING:
@@ -159,10 +160,23 @@ def prune(output_dir: str | Path, keep: int, keep_best: bool) -> PruneResult:
 
     Never deletes the newest valid checkpoint, a damaged folder, a symbolic link or a
     superseded one; deletion goes through ``checkpoint.delete`` (real folders directly
-    inside ``output_dir`` only). Everything is decided before the first deletion.
+    inside ``output_dir`` only). A folder holding intact checkpoints of two runs is refused
+    whole. Everything is decided before the first deletion.
     """
     infos = checkpoint.scan(output_dir)
     valid = [i for i in infos if i.valid]
+    runs = sorted({i.run_id for i in valid if i.run_id is not None})
+    if len(runs) > 1:
+        # Rotation deletes only its own run's checkpoints; prune cannot know which run the
+        # user means, and keeping "the newest" could keep a foreign copy and delete the run.
+        listing = "; ".join(
+            f"run {r[:8]}: {', '.join(i.path.name for i in valid if i.run_id == r)}" for r in runs
+        )
+        raise CheckpointError(
+            f"{output_dir} holds checkpoints of {len(runs)} runs ({listing}); prune works on one "
+            "run's folder: move the other run's checkpoints into their own folder first; "
+            "nothing was deleted"
+        )
     spared = {i.path for i in valid[-max(keep, 1) :]}
     if keep_best and valid:
         best = checkpoint.peek(valid[-1].path).get("state", {}).get("best_model_checkpoint")

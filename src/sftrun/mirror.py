@@ -5,9 +5,19 @@ Owns the remote layout ``<url>/checkpoint-<step>/<file>``, in which ``manifest.j
 uploaded last and deleted first, so that a remote folder without a manifest (an upload cut
 short) is never taken as a checkpoint; the background uploader (one thread, retries, never
 stops training); the mirror's rotation (it keeps what the local folder keeps, of this run);
-listing and downloading remote checkpoints. Storage is reached only through ``fsspec``
-(local paths built in, ``s3://`` through ``s3fs``); credentials and endpoints come from that
-library's usual environment and config files, never from sftrun's config or its logs.
+listing and downloading remote checkpoints.
+
+A mirror belongs to one run, like its output folder: ``<url>/.sftrun-mirror.json`` names the
+run id, written when the run first uses the mirror, and checked before every upload. A
+mirror never overlaps the run's own folder (:func:`check_separate`). Nothing is deleted from a
+mirror but this run's copies (its run id in their manifest) and uploads this process itself
+began and did not finish. "uploaded" is logged only after the remote manifest was read back
+and equals the local one. A remote manifest is read as a size-limited regular file: a FIFO or
+a link to a device in its place is an incomplete copy, not a hang.
+
+Storage is reached only through ``fsspec`` (local paths built in, ``s3://`` through ``s3fs``);
+credentials and endpoints come from that library's usual environment and config files, never
+from sftrun's config or its logs.
 Downloaded bytes are verified by ``checkpoint.verify`` before anything uses them.
 """
 
@@ -18,6 +28,8 @@ import logging
 import os
 import queue
 import shutil
+import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +38,7 @@ from typing import Any
 
 from sftrun import checkpoint
 from sftrun import constants as C
-from sftrun.errors import CheckpointError
+from sftrun.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("sftrun")
 
@@ -36,6 +48,37 @@ BACKOFF_S = 1.0  # doubled after each failed attempt
 
 def is_url(text: str) -> bool:
     return "://" in text
+
+
+def local_path(url: str) -> Path | None:
+    """The folder a mirror URL names on this machine's file system (None for object storage)."""
+    if url.startswith("file://"):
+        return Path(url[len("file://") :])
+    return None if is_url(url) else Path(url)
+
+
+def check_separate(mirror_to: str, output_dir: str | Path) -> None:
+    """Refuse a mirror that is the run folder, inside it, or holds it (links resolved).
+
+    Such a mirror's clean-up would delete the run's own checkpoints, and a lost disk would take
+    both copies."""
+    mine = local_path(mirror_to)
+    if mine is None:
+        return
+    m, o = Path(os.path.realpath(mine)), Path(os.path.realpath(output_dir))
+    if m == o:
+        how = "is the same folder as"
+    elif m.is_relative_to(o):
+        how = "is inside"
+    elif o.is_relative_to(m):
+        how = "contains"
+    else:
+        return
+    raise ConfigError(
+        f"mirror_to {mirror_to} {how} output_dir {output_dir} (both resolve to {m} and {o}); "
+        "the mirror is a second copy, so it must be a folder outside the run folder (another "
+        "disk) or a bucket such as s3://bucket/run; set mirror_to to one, or leave it out"
+    )
 
 
 class Remote:
@@ -70,17 +113,68 @@ class Remote:
         steps = [(int(m.group(1)), n) for n in found if (m := C.CHECKPOINT_RE.match(n))]
         return [n for _, n in sorted(steps)]
 
-    def manifest(self, name: str) -> dict[str, Any] | None:
-        """The remote folder's manifest, or None while it has none (an unfinished upload)."""
+    def _read_small(self, path: str, limit: int) -> bytes | None:
+        """A small remote file's bytes; None when it is missing, not a regular file, or over
+        ``limit`` (checked before reading, so a FIFO or /dev/zero cannot hang or fill memory)."""
+        if self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                return None
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                    return None
+                return fh.read(limit + 1)
         try:
-            raw = self.fs.cat_file(self._path(name, C.MANIFEST_FILE))
+            info = self.fs.info(path)
         except FileNotFoundError:
+            return None
+        if info.get("type") != "file" or int(info.get("size") or 0) > limit:
+            return None
+        raw = self.fs.cat_file(path)
+        return bytes(raw) if len(raw) <= limit else None
+
+    def manifest_bytes(self, name: str) -> bytes | None:
+        return self._read_small(self._path(name, C.MANIFEST_FILE), C.MAX_MANIFEST_BYTES)
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        """The remote folder's manifest, or None while it has none (an unfinished upload)
+        or it is not a small regular JSON file."""
+        raw = self.manifest_bytes(name)
+        if raw is None:
             return None
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return data if isinstance(data, dict) else None
+
+    def owner(self) -> str | None:
+        """The run id in the mirror's marker, or None when it has none."""
+        raw = self._read_small(self._path(C.MIRROR_MARKER_FILE), C.MAX_MANIFEST_BYTES)
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except (ValueError, RecursionError):
+            data = None
+        run_id = data.get("run_id") if isinstance(data, dict) else None
+        return run_id if isinstance(run_id, str) else None
+
+    def claim(self, run_id: str) -> None:
+        """Make this mirror run ``run_id``'s: write the marker if there is none; raise
+        CheckpointError if it names another run (checked again after writing, so that of two
+        runs starting at once on one mirror only one goes on believing it owns it)."""
+        owner = self.owner()
+        if owner is None:
+            marker = self._path(C.MIRROR_MARKER_FILE)
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(marker, (json.dumps({"run_id": run_id}) + "\n").encode())
+            owner = self.owner()
+        if owner != run_id:
+            raise CheckpointError(
+                f"mirror_to {self.url} belongs to run {str(owner)[:8]} ({C.MIRROR_MARKER_FILE}); "
+                "each run needs its own mirror: set mirror_to to a new folder or bucket prefix"
+            )
 
     def owners(self) -> dict[str | None, list[Path]]:
         """Remote checkpoints by the run id of their manifest (as ``checkpoint.owners``)."""
@@ -91,11 +185,12 @@ class Remote:
             found.setdefault(run_id, []).append(Path(name))
         return found
 
-    def upload(self, folder: Path, run_id: str | None = None) -> None:
-        """Copy one committed checkpoint: files first, the manifest last. Never replaces
-        another run's copy."""
+    def upload(self, folder: Path, run_id: str) -> None:
+        """Copy one committed checkpoint: files first, the manifest last, then read the manifest
+        back. Never writes into another run's mirror or replaces another run's copy."""
         base = self._path(folder.name)
         manifest = f"{base}/{C.MANIFEST_FILE}"
+        self.claim(run_id)
         existing = self.manifest(folder.name)
         if existing is not None and existing.get("run_id") not in (None, run_id):
             raise CheckpointError(
@@ -109,6 +204,21 @@ class Remote:
         for name in names:
             self.fs.put_file(str(folder / name), f"{base}/{name}")
         self.fs.put_file(str(folder / C.MANIFEST_FILE), manifest)
+        if self.manifest_bytes(folder.name) != (folder / C.MANIFEST_FILE).read_bytes():
+            raise CheckpointError(
+                f"{self.where(folder.name)}: the manifest read back differs from the one "
+                "uploaded (another writer on this mirror?)"
+            )
+        self.claim(run_id)  # still ours after the upload
+
+    def _get_regular(self, remote: str, local: Path) -> None:
+        """Download one file; anything that is not a regular file is refused, not read."""
+        if self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol):
+            if not stat.S_ISREG(os.lstat(remote).st_mode):
+                raise CheckpointError(
+                    f"{remote} is not a regular file (a link, FIFO or device); not downloaded"
+                )
+        self.fs.get_file(remote, str(local))
 
     def remove(self, name: str) -> None:
         """Delete a remote checkpoint, manifest first (so a half-deleted one is incomplete)."""
@@ -117,21 +227,21 @@ class Remote:
             self.fs.rm_file(f"{base}/{C.MANIFEST_FILE}")
         self.fs.rm(base, recursive=True)
 
-    def download(self, name: str, out: Path) -> Path:
-        """Fetch ``name`` into ``out/name`` through a temporary folder; verified before it is
-        renamed into place. Raises CheckpointError naming what is wrong with the copy."""
-        out.mkdir(parents=True, exist_ok=True)
-        final = out / name
+    def download(self, name: str, staging: Path) -> Path:
+        """Fetch ``name`` into ``staging/name`` (``staging`` must exist) and verify it; the
+        caller decides whether it goes into a run folder (:func:`stage`, :func:`commit`).
+        Raises CheckpointError naming what is wrong with the copy."""
+        final = staging / name
         if final.exists():
             raise CheckpointError(f"{final} already exists; resume from it, or move it away")
-        tmp = out / f"{C.TMP_DOWNLOAD_PREFIX}{name}-{os.getpid()}"
+        tmp = staging / f"{C.TMP_DOWNLOAD_PREFIX}{name}-{os.getpid()}"
         tmp.mkdir()
         try:
             listed = [str(p) for p in self.fs.ls(self._path(name), detail=False)]
             for remote in listed:
                 file_name = remote.rstrip("/").rsplit("/", 1)[-1]
                 if C.MANIFEST_FILE_NAME_RE.match(file_name) or file_name == C.MANIFEST_FILE:
-                    self.fs.get_file(remote, str(tmp / file_name))
+                    self._get_regular(remote, tmp / file_name)
             problem = checkpoint.verify(tmp)
             if problem is not None:
                 raise CheckpointError(
@@ -147,8 +257,17 @@ class Remote:
 def readable_owners(url: str) -> dict[str | None, list[Path]]:
     """``Remote(url).owners()``, with any storage failure as one CheckpointError line (a
     wrong URL, missing credentials, an endpoint that does not answer)."""
+    return _readable(url, lambda remote: remote.owners())
+
+
+def readable_owner(url: str) -> str | None:
+    """The run id of the mirror's marker (as :func:`readable_owners`)."""
+    return _readable(url, lambda remote: remote.owner())
+
+
+def _readable(url: str, read: Any) -> Any:
     try:
-        return Remote(url).owners()
+        return read(Remote(url))
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - storage libraries raise many kinds
@@ -159,27 +278,63 @@ def readable_owners(url: str) -> dict[str | None, list[Path]]:
         ) from None
 
 
-def fetch_newest(url: str, out: Path) -> tuple[Path | None, list[str]]:
-    """Download the newest complete, intact checkpoint of the mirror into ``out``.
+def claim(url: str, run_id: str) -> None:
+    """:meth:`Remote.claim`, with a storage failure as one CheckpointError line."""
+    _readable(url, lambda remote: remote.claim(run_id))
 
-    Returns its local folder (None when the mirror has none) and one line for each newer
-    remote folder that was skipped, with the reason.
-    """
+
+def staging_folder(out: Path) -> Path:
+    """A private folder for downloads, beside the run folder (same disk: the final rename is
+    atomic) and not inside it, so that a refused resume leaves the run folder as it was."""
+    parent = Path(os.path.abspath(out)).parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent  # the nearest existing folder: nothing is created for it
+    return Path(tempfile.mkdtemp(prefix=f"{C.TMP_DOWNLOAD_PREFIX}{out.name}-", dir=parent))
+
+
+def discard(staging: Path | None) -> None:
+    """Remove a folder made by :func:`staging_folder` and what it still holds."""
+    if staging is not None and staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging)
+
+
+def commit(staged: Path, out: Path) -> Path:
+    """Move a verified download from its staging folder into the run folder; return it."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / staged.name
+    if final.exists() or final.is_symlink():
+        raise CheckpointError(f"{final} appeared while this run was starting; start it again")
+    os.rename(staged, final)
+    return final
+
+
+def newest(
+    url: str, staging: Path, above: int = -1, run_id: str | None = None
+) -> tuple[Path | None, list[str]]:
+    """Download the mirror's newest complete, intact checkpoint whose step is over ``above``
+    (and of run ``run_id``, when given) into ``staging``. Returns it (None when there is none)
+    and one line per newer remote folder skipped, with the reason."""
     remote = Remote(url)
     skipped = []
     for name in reversed(remote.names()):
-        if remote.manifest(name) is None:
+        if _step(name) <= above:
+            break
+        manifest = remote.manifest(name)
+        if manifest is None:
             skipped.append(f"{remote.where(name)}: no manifest (an upload that did not finish)")
             continue
+        if run_id is not None and manifest.get("run_id") != run_id:
+            skipped.append(f"{remote.where(name)}: of run {str(manifest.get('run_id'))[:8]}")
+            continue
         try:
-            return remote.download(name, out), skipped
+            return remote.download(name, staging), skipped
         except CheckpointError as exc:
             skipped.append(str(exc))
     return None, skipped
 
 
-def fetch(url: str, out: Path) -> Path:
-    """``--resume <url>/checkpoint-<step>``: download that one checkpoint into ``out``."""
+def fetch(url: str, staging: Path) -> Path:
+    """``--resume <url>/checkpoint-<step>``: download that one checkpoint into ``staging``."""
     base, _, name = url.rstrip("/").rpartition("/")
     if not C.CHECKPOINT_RE.match(name):
         raise CheckpointError(
@@ -189,13 +344,11 @@ def fetch(url: str, out: Path) -> Path:
     remote = Remote(base)
     if remote.manifest(name) is None:
         raise CheckpointError(f"{url} has no manifest (missing, or its upload did not finish)")
-    return remote.download(name, out)
+    return remote.download(name, staging)
 
 
 def verify_remote(url: str) -> str | None:
     """``ckpt verify <url>/checkpoint-<step>``: None if the copy is complete and intact."""
-    import tempfile
-
     base, _, name = url.rstrip("/").rpartition("/")
     remote = Remote(base)
     if remote.manifest(name) is None:
@@ -208,6 +361,10 @@ def verify_remote(url: str) -> str | None:
     return None
 
 
+def _step(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
 @dataclass
 class Uploader:
     """Uploads committed checkpoints in one background thread; training never waits for it
@@ -218,6 +375,7 @@ class Uploader:
     jobs: queue.Queue[tuple[Path, list[str]] | None] = field(default_factory=queue.Queue)
     uploaded: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    started: set[str] = field(default_factory=set)  # uploads this process began
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
@@ -233,7 +391,7 @@ class Uploader:
             folder, keep = job
             t0 = time.perf_counter()
             self._upload(folder)
-            self._rotate(keep)
+            self._rotate(keep, _step(folder.name))
             self.seconds += time.perf_counter() - t0
 
     def _upload(self, folder: Path) -> None:
@@ -243,10 +401,14 @@ class Uploader:
                 log.info("mirror: %s was removed locally before its upload; skipped", folder)
                 return
             try:
+                self.started.add(folder.name)
                 self.remote.upload(folder, self.run_id)
                 self.uploaded.append(folder.name)
-                log.info("mirror: uploaded %s", self.remote.where(folder.name))
+                log.info("mirror: uploaded %s (manifest read back)", self.remote.where(folder.name))
                 return
+            except CheckpointError as exc:  # another run's mirror: retrying cannot help
+                log.warning("mirror: upload of %s refused: %s", folder.name, exc)
+                break
             except Exception as exc:  # noqa: BLE001 - storage errors of any library: retry
                 log.warning(
                     "mirror: upload of %s failed (attempt %d of %d): %s",
@@ -260,14 +422,22 @@ class Uploader:
                     delay *= 2
         self.failed.append(folder.name)
 
-    def _rotate(self, keep: list[str]) -> None:
+    def _rotate(self, keep: list[str], step: int) -> None:
+        """Remove this run's copies the local folder no longer keeps, older than ``step``
+        (a newer copy from before a resume is left), and uploads this process began that
+        never got their manifest (a folder rotated away locally during its upload). A copy
+        of another run, or a folder without a manifest that this process did not write (an
+        HF Trainer checkpoint kept there), is never touched."""
         try:
             for name in self.remote.names():
+                if name in keep:
+                    continue
                 manifest = self.remote.manifest(name)
-                # This run's copies the local folder no longer keeps, and uploads cut short
-                # (no manifest: a folder rotated away locally while it was being uploaded).
-                ours = manifest is None or manifest.get("run_id") == self.run_id
-                if name not in keep and ours:
+                if manifest is None:
+                    doomed = name in self.started and name not in self.uploaded
+                else:
+                    doomed = manifest.get("run_id") == self.run_id and _step(name) < step
+                if doomed:
                     self.remote.remove(name)
                     log.info("mirror: removed %s", self.remote.where(name))
         except Exception as exc:  # noqa: BLE001 - a failed clean-up never stops training

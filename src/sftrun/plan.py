@@ -87,6 +87,10 @@ class RunPlan:
     kept: list[tuple[str, Any, Any]] = field(default_factory=list)
     lr_plan: SchedulePlan | None = None
     complete: bool = False  # the checkpoint is the run's last step: nothing to train
+    # A checkpoint downloaded from a mirror waits here (beside ``out``) until the run holds
+    # its folder's lock; ``trainer`` then moves it in, and a refused or cancelled run leaves
+    # ``out`` as it was (``mirror.discard``).
+    staging: Path | None = None
     notes: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
 
@@ -157,6 +161,8 @@ def make_plan(
     """
     out = Path(cfg.output_dir)
     refusals: list[str] | None = [] if preview else None
+    if cfg.mirror_to:
+        mirror.check_separate(cfg.mirror_to, out)
     # Every process of a launch joins the group first, so that a missing one fails here.
     processes = None if preview else distributed.start(cfg.ddp_timeout)
     if not preview:
@@ -166,9 +172,34 @@ def make_plan(
             check_data_file(getattr(cfg, key), key)
     # Rank 0 alone looks for the checkpoint (and the folder's owner); every rank then loads
     # the verified bytes of the folder it chose.
-    ckpt_path, skipped = distributed.decided_by_main(
+    ckpt_path, skipped, staging = distributed.decided_by_main(
         lambda: _checkpoint_to_resume(out, resume, refusals, cfg.mirror_to)
     )
+    try:
+        plan = _make_plan(cfg, out, ckpt_path, skipped, refusals, processes, no_unsloth, preview)
+        plan.staging = staging
+        if resume == C.RESUME_AUTO and ckpt_path is None:
+            plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
+        _check_parallel(plan, refusals, preview)
+        if plan.payload is not None:
+            _plan_resume(plan, plan.payload, allow_data_change, refusals)
+    except BaseException:
+        mirror.discard(staging)  # a refused resume leaves the run folder as it was
+        raise
+    return plan
+
+
+def _make_plan(
+    cfg: TrainingConfig,
+    out: Path,
+    ckpt_path: Path | None,
+    skipped: list[checkpoint.CheckpointInfo],
+    refusals: list[str] | None,
+    processes: Any,
+    no_unsloth: bool,
+    preview: bool,
+) -> RunPlan:
+    """The plan of a fresh run from ``cfg`` (with the checkpoint's payload, not yet applied)."""
     payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
 
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
@@ -212,11 +243,6 @@ def make_plan(
         skipped=skipped,
         refusals=refusals if refusals is not None else [],
     )
-    if resume == C.RESUME_AUTO and ckpt_path is None:
-        plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
-    _check_parallel(plan, refusals, preview)
-    if payload is not None:
-        _plan_resume(plan, payload, allow_data_change, refusals)
     return plan
 
 
@@ -272,28 +298,43 @@ def recheck_folder(plan: RunPlan) -> None:
 
 def _checkpoint_to_resume(
     out: Path, resume: str | None, refusals: list[str] | None, mirror_to: str | None
-) -> tuple[Path | None, list[checkpoint.CheckpointInfo]]:
-    """The verified checkpoint (with the newer folders skipped), after the ownership check.
+) -> tuple[Path | None, list[checkpoint.CheckpointInfo], Path | None]:
+    """The verified checkpoint (with the newer folders skipped) and the staging folder it
+    waits in when it came from a mirror, after the ownership checks.
 
-    A URL is downloaded into ``out`` first; ``latest``/``auto`` fall back to the mirror when
-    ``out`` holds no valid checkpoint (a new machine, a lost disk)."""
+    A URL is downloaded into a staging folder beside ``out``; ``latest``/``auto`` take the
+    mirror's copy when it is newer than ``out``'s newest valid checkpoint (a new machine, a
+    lost disk, a local folder behind its mirror)."""
     ckpt_path: Path | None = None
     skipped: list[checkpoint.CheckpointInfo] = []
-    if resume is not None and mirror.is_url(resume):
-        ckpt_path = mirror.fetch(resume, out)
-        log.warning("downloaded %s to %s", resume, ckpt_path)
-    elif resume is not None:
-        ckpt_path, skipped = _resolve_or_mirror(resume, out, mirror_to)
-    run_id = checkpoint.run_id_of(ckpt_path) if ckpt_path is not None else None
+    staging = None
     try:
-        owners = checkpoint.owners(out)
-        check_folder_owner(out, owners, checkpoint.superseded_folders(out), ckpt_path, run_id)
-        if mirror_to:  # the mirror is the run's too: the same rule
-            remote = mirror.readable_owners(mirror_to)
-            check_folder_owner(mirror_to, remote, [], ckpt_path, run_id, key="mirror_to")
-    except CheckpointError as exc:
-        _refuse(refusals, exc)
-    return ckpt_path, skipped
+        if resume is not None and mirror.is_url(resume):
+            staging = mirror.staging_folder(out)
+            ckpt_path = mirror.fetch(resume, staging)
+            log.warning("downloaded %s (it joins %s once the resume is accepted)", resume, out)
+        elif resume is not None:
+            ckpt_path, skipped, staging = _resolve_or_mirror(resume, out, mirror_to)
+        run_id = checkpoint.run_id_of(ckpt_path) if ckpt_path is not None else None
+        try:
+            owners = checkpoint.owners(out)
+            check_folder_owner(out, owners, checkpoint.superseded_folders(out), ckpt_path, run_id)
+            if mirror_to:  # the mirror is the run's too: the same rule, and its marker
+                remote = mirror.readable_owners(mirror_to)
+                check_folder_owner(mirror_to, remote, [], ckpt_path, run_id, key="mirror_to")
+                marked = mirror.readable_owner(mirror_to)
+                if marked is not None and marked != run_id:
+                    raise CheckpointError(
+                        f"mirror_to {mirror_to} belongs to run {marked[:8]} "
+                        f"({C.MIRROR_MARKER_FILE}); each run needs its own mirror: set "
+                        "mirror_to to a new folder or bucket prefix"
+                    )
+        except CheckpointError as exc:
+            _refuse(refusals, exc)
+    except BaseException:
+        mirror.discard(staging)
+        raise
+    return ckpt_path, skipped, staging
 
 
 def _with_factors(
@@ -313,22 +354,40 @@ def _with_factors(
 
 def _resolve_or_mirror(
     resume: str, out: Path, mirror_to: str | None
-) -> tuple[Path | None, list[checkpoint.CheckpointInfo]]:
-    """``checkpoint.resolve``; with a mirror, 'latest'/'auto' that find no valid local
-    checkpoint download the mirror's newest instead (verified by the download)."""
+) -> tuple[Path | None, list[checkpoint.CheckpointInfo], Path | None]:
+    """``checkpoint.resolve``; with a mirror, 'latest'/'auto' take the mirror's newest copy
+    of the same run when it is newer than the newest valid local checkpoint (downloaded into
+    a staging folder, verified, returned with that folder)."""
     if not mirror_to or resume not in (C.RESUME_LATEST, C.RESUME_AUTO):
-        return checkpoint.resolve(resume, out)
+        return (*checkpoint.resolve(resume, out), None)
     # Newest first, stopping at the first intact one, as a plain 'latest' does.
     local, skipped = checkpoint.resolve(C.RESUME_AUTO, out)
-    if local is not None:
-        return local, skipped
-    fetched, passed_over = mirror.fetch_newest(mirror_to, out)
+    above = checkpoint.step_of(local) if local is not None else -1
+    run_id = checkpoint.run_id_of(local) if local is not None else None
+    staging = mirror.staging_folder(out)
+    try:
+        fetched, passed_over = mirror.newest(mirror_to, staging, above, run_id)
+    except BaseException:
+        mirror.discard(staging)
+        raise
     for line in passed_over:
         log.warning("skipped on the mirror: %s", line)
     if fetched is None:
-        return checkpoint.resolve(resume, out)  # 'latest': its usual error; 'auto': a new run
-    log.warning("no valid checkpoint in %s: resumed from the mirror's %s", out, fetched.name)
-    return fetched, skipped
+        mirror.discard(staging)
+        if local is None:
+            return (*checkpoint.resolve(resume, out), None)  # latest: its error; auto: new run
+        return local, skipped, None
+    if local is None:
+        log.warning("no valid checkpoint in %s: resumed from the mirror's %s", out, fetched.name)
+    else:
+        log.warning(
+            "the mirror's %s is newer than the newest valid checkpoint in %s (%s): resuming "
+            "from the mirror's copy",
+            fetched.name,
+            out,
+            local.name,
+        )
+    return fetched, skipped, staging
 
 
 def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:

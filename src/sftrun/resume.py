@@ -321,8 +321,14 @@ def check_folder_owner(
     foreign = {r: paths for r, paths in owners.items() if r is not None and r != resume_run}
     if foreign:
         other, paths = next(iter(sorted(foreign.items())))
+        # The run folder of the checkpoint is the fix for output_dir; a mirror is never
+        # suggested as a path of the run's own folder (check_separate forbids the overlap).
+        fix = (
+            f"resume with {key}={resume.parent}, or give this run an empty {key}"
+            if key == "output_dir"
+            else f"set {key} to this run's own mirror, or leave {key} out"
+        )
         raise CheckpointError(
             f"{resume} belongs to run {_short_run(resume_run)}, but {key} {out} holds "
-            f"checkpoints of run {_short_run(other)} ({_listing(paths)}); resume with "
-            f"{key}={resume.parent}, or give this run an empty {key}"
+            f"checkpoints of run {_short_run(other)} ({_listing(paths)}); {fix}"
         )

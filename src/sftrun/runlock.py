@@ -5,13 +5,21 @@ kernel when its process dies) and ``.sftrun.lock.json`` beside it, which says wh
 (pid, host, start time, command) so that a refusal can name the holder. Training holds it for
 its whole life, ``ckpt prune`` while it deletes; read-only tools never take it. Never
 decides anything about checkpoints.
+
+Neither file is ever reached through a symbolic link, and the info file is only ever read or
+written as a regular file (``O_NOFOLLOW``, ``O_NONBLOCK``, size-limited): a link planted in
+its place would otherwise make every run overwrite the link's target, and a FIFO would hang
+the refusal message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +31,8 @@ from filelock import FileLock, Timeout
 from sftrun import constants as C
 from sftrun.errors import FolderInUseError
 
+MAX_INFO_BYTES = 64 << 10
+
 
 def _describe(info: dict[str, Any]) -> str:
     return (
@@ -32,11 +42,50 @@ def _describe(info: dict[str, Any]) -> str:
 
 
 def _read_info(folder: Path) -> dict[str, Any] | None:
+    """The holder's info, or None when it is missing, not a regular file, or malformed."""
     try:
-        info = json.loads((folder / C.LOCK_INFO_FILE).read_text())
-    except (OSError, ValueError):
+        fd = os.open(folder / C.LOCK_INFO_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = fh.read(MAX_INFO_BYTES + 1)
+    try:
+        info = json.loads(raw) if len(raw) <= MAX_INFO_BYTES else None
+    except (ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) else None
+
+
+def _check_not_linked(folder: Path) -> None:
+    """Refuse a lock or info file that is a symbolic link or not a regular file."""
+    for name in (C.LOCK_FILE, C.LOCK_INFO_FILE):
+        try:
+            st = os.lstat(folder / name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise FolderInUseError(
+                f"{folder / name} is {kind}; sftrun writes its lock files only as regular "
+                "files it made; remove it (no run holds a lock through it) and start again"
+            )
+
+
+def _write_info(folder: Path, info: dict[str, Any]) -> None:
+    path = folder / C.LOCK_INFO_FILE
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            _check_not_linked(folder)
+        raise
+    with os.fdopen(fd, "w") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FolderInUseError(f"{path} is not a regular file; remove it and start again")
+        fh.write(json.dumps(info) + "\n")
 
 
 @dataclass
@@ -48,13 +97,17 @@ class RunLock:
     note: str | None
 
     def release(self) -> None:
-        (self.folder / C.LOCK_INFO_FILE).unlink(missing_ok=True)
+        path = self.folder / C.LOCK_INFO_FILE
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()  # ours; a link or FIFO put there since is left alone
         self.lock.release()
 
 
 def acquire(folder: Path, command: str | None = None) -> RunLock:
     """Take the folder's lock without waiting; raise FolderInUseError naming the holder."""
     folder.mkdir(parents=True, exist_ok=True)
+    _check_not_linked(folder)
     lock = FileLock(str(folder / C.LOCK_FILE), timeout=0)
     try:
         lock.acquire()
@@ -75,5 +128,9 @@ def acquire(folder: Path, command: str | None = None) -> RunLock:
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command or " ".join(sys.argv),
     }
-    (folder / C.LOCK_INFO_FILE).write_text(json.dumps(info) + "\n")
+    try:
+        _write_info(folder, info)
+    except BaseException:
+        lock.release()
+        raise
     return RunLock(folder, lock, note)

@@ -167,7 +167,18 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         no_unsloth=opts.no_unsloth,
         allow_data_change=opts.allow_data_change,
     )
+    try:
+        return _planned_run(plan, opts, stamp, log_file, started)
+    finally:
+        mirror.discard(plan.staging)  # a download that did not join the run folder
+
+
+def _planned_run(
+    plan: RunPlan, opts: RunOptions, stamp: str, log_file: Path, started: float
+) -> RunResult:
     if plan.complete:  # the caller says so (the CLI prints and logs one line)
+        if plan.staging is not None:  # the final checkpoint, downloaded: keep it locally
+            _with_lock(plan, lambda: None)
         return RunResult(plan.planned, plan.planned, plan.ckpt_path, log_file, None, complete=True)
     accelerator = _make_accelerator(plan.dtype)
     model = _build_model(plan, opts.hooks)  # base model + LoRA; refuses without disk space
@@ -181,27 +192,43 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         memory=_memory(plan, model, accelerator),
     )
     log.info("%s", summary)
-    log.info("resolved config: %s", config_to_dict(cfg))
+    log.info("resolved config: %s", config_to_dict(plan.cfg))
     if not opts.yes and not distributed.decided_by_main(lambda: _confirm(summary)):
         log.info("cancelled; nothing was changed")
         return RunResult(plan.state.global_step, plan.planned, None, log_file, None, cancelled=True)
     # Everything so far only read; from here on this process owns the output folder.
+    return _with_lock(
+        plan,
+        lambda: _train_run(plan, opts, accelerator, model, (stamp, summary, log_file, started)),
+    )
+
+
+def _with_lock(plan: RunPlan, work: Any) -> Any:
+    """``work()`` while this run holds its output folder (see :func:`_lock_folder`)."""
     held: list[runlock.RunLock] = []
     try:
         distributed.decided_by_main(lambda: _lock_folder(plan, held))
-        return _train_run(plan, opts, accelerator, model, (stamp, summary, log_file, started))
+        return work()
     finally:
         for lock in held:
             lock.release()
 
 
 def _lock_folder(plan: RunPlan, held: list[runlock.RunLock]) -> None:
-    """Take the output folder's lock, then check that it is still as planned."""
+    """Take the output folder's lock, check that it is still as planned, then move a
+    checkpoint downloaded from the mirror into it and claim the mirror for this run."""
     lock = runlock.acquire(plan.out)
     held.append(lock)
     if lock.note:
         log.warning("%s", lock.note)
     recheck_folder(plan)
+    if plan.staging is not None and plan.ckpt_path is not None:
+        plan.ckpt_path = mirror.commit(plan.ckpt_path, plan.out)
+        mirror.discard(plan.staging)
+        plan.staging = None
+        log.info("moved the mirror's copy into %s", plan.ckpt_path)
+    if plan.cfg.mirror_to:
+        mirror.claim(plan.cfg.mirror_to, plan.state.run_id)
 
 
 def _train_run(
