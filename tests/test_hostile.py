@@ -501,7 +501,9 @@ def test_ckpt_list_refuses_a_key_value_or_missing_folder(run: Path, capsys) -> N
 def test_log_file_exists_and_records_a_refused_run(workdir: Path, capsys) -> None:
     code, _, err = cli(capsys, "train", "-y", "--config", "missing.yaml")
     assert code == 2
-    logs = sorted((workdir / "outputs/logs").glob("sft_trainer_*.log"))
+    # Kept apart from the logs of runs that trained (the newest of those is the one to tail).
+    assert not list((workdir / "outputs/logs").glob("sft_trainer_*.log"))
+    logs = sorted((workdir / "outputs/logs/not_trained").glob("sft_trainer_*.log"))
     assert len(logs) == 1 and one_line_error(err).strip() in logs[0].read_text()
 
 

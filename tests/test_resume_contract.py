@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,11 +234,14 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(
     assert stopped.returncode == code, stopped.stderr
     out = tmp_path / OUT
     assert entries(out) == ["checkpoint-3", f"checkpoint-{final}"]
-    assert (
-        f"resume with: python run_model_training.py --resume {OUT}/checkpoint-5 -y"
-        in stopped.stdout
-    )
-    resumed = run_sftrun(["train", "-y", "--config", str(cfg), "--resume", "latest"], tmp_path)
+    printed = [line for line in stopped.stdout.splitlines() if "resume with: " in line]
+    assert len(printed) == 1
+    command = printed[0].split("resume with: ", 1)[1]
+    assert command.startswith(f"cd {tmp_path} && {sys.executable} -m sftrun train ")
+    assert f"--resume {OUT}/checkpoint-5 -y --config {cfg}" in command
+    # The printed command works as printed, from another folder.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    resumed = subprocess.run(["bash", "-c", command], cwd="/", env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()

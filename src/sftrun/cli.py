@@ -44,12 +44,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from sftrun.config import load_config
     from sftrun.distributed import launched_rank
-    from sftrun.monitor import close_logging, setup_logging, timestamp, to_log_file
+    from sftrun.monitor import (
+        close_logging,
+        file_away_untrained,
+        setup_logging,
+        timestamp,
+        to_log_file,
+    )
     from sftrun.trainer import RunOptions, run_training
 
-    # The log file exists from the first instant and receives every error and the last line.
+    # The log file exists from the first instant and receives every error and the last line;
+    # a command that trains nothing moves it aside at the end (monitor.file_away_untrained).
     stamp = timestamp()
     log_file = setup_logging(stamp, rank=launched_rank())
+    opts: RunOptions | None = None
     try:
         cfg = load_config(args.config, args.overrides)
         opts = RunOptions(
@@ -88,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     finally:
         close_logging()
+        if opts is None or not opts.trained:
+            file_away_untrained(log_file)
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
@@ -186,7 +196,16 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     if problem is not None:
         return 1
     cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
-    plan = make_plan(cfg, resume=str(path), allow_data_change=args.allow_data_change, preview=True)
+    length_set = any(
+        o.partition("=")[0] in ("num_train_epochs", "max_steps") for o in args.overrides
+    )
+    plan = make_plan(
+        cfg,
+        resume=str(path),
+        allow_data_change=args.allow_data_change,
+        preview=True,
+        length_set=length_set,
+    )
     print(render_preview(plan, args.config))
     return 0
 

@@ -17,6 +17,7 @@ DATA_STAGE_DIR = "outputs/1_data"
 TENSORBOARD_DIR = "outputs/3_training/runs"
 LOG_DIR = "outputs/logs"
 LOG_FILE_PATTERN = "sft_trainer_{timestamp}.log"
+UNTRAINED_LOG_DIR = "not_trained"  # under LOG_DIR: logs of commands that trained nothing
 TIMESTAMP_FORMAT = "%Y%m%d_%H%M%S"
 
 # --- embedded default model ---------------------------------------------------------------

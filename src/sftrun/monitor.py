@@ -105,6 +105,23 @@ def close_logging() -> None:
         handler.close()
 
 
+def file_away_untrained(log_file: Path) -> Path | None:
+    """Move the log of a command that trained nothing (a refusal, "run complete", a
+    cancelled start) into ``outputs/logs/not_trained/``, so that the newest
+    ``sft_trainer_*.log`` stays the last run that trained (the README's ``tail -f`` recipe);
+    return its new path (None if it could not be moved; it then stays where it was)."""
+    if not log_file.is_file():
+        return None
+    folder = log_file.parent / C.UNTRAINED_LOG_DIR
+    try:
+        folder.mkdir(exist_ok=True)
+        target = unique_path(folder, log_file.name)
+        os.rename(log_file, target)
+    except OSError:
+        return None
+    return target
+
+
 def own_board(root: Path, name: str) -> Path | None:
     """``root/name`` when it is a TensorBoard run folder sftrun made (a timestamp name, a
     real folder, not a link); None otherwise."""

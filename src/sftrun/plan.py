@@ -151,13 +151,15 @@ def make_plan(
     no_unsloth: bool = False,
     allow_data_change: bool = False,
     preview: bool = False,
+    length_set: bool = False,
 ) -> RunPlan:
     """Plan a fresh run, or the resume from ``resume`` (a folder or 'latest').
 
     Order: preflight (output folder, data files), the checkpoint (verified), ownership of the
     output folder, then the slower steps (tokenizer, data, identity hashes). Raises the first
     refusal (SftrunError) unless ``preview``, which collects them in ``refusals`` and raises
-    only when the checkpoint itself cannot be read.
+    only when the checkpoint itself cannot be read. ``length_set``: num_train_epochs or
+    max_steps was given on the command line (see :func:`_keep_run_length`).
     """
     out = Path(cfg.output_dir)
     refusals: list[str] | None = [] if preview else None
@@ -182,7 +184,9 @@ def make_plan(
             plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
         _check_parallel(plan, refusals, preview)
         if plan.payload is not None:
-            _plan_resume(plan, plan.payload, allow_data_change, refusals)
+            if not length_set:
+                _keep_run_length(plan, plan.payload)
+            _plan_resume(plan, plan.payload, allow_data_change, refusals, resume == C.RESUME_AUTO)
     except BaseException:
         mirror.discard(staging)  # a refused resume leaves the run folder as it was
         raise
@@ -390,6 +394,35 @@ def _resolve_or_mirror(
     return fetched, skipped, staging
 
 
+def _keep_run_length(plan: RunPlan, payload: checkpoint.CheckpointPayload) -> None:
+    """The config file lengthens a run but never shortens it: when it plans fewer steps than
+    the checkpoint's run (as its start or its last "train longer" resume set them), the run
+    keeps the checkpoint's length. Only num_train_epochs/max_steps given as KEY=VALUE set a
+    shorter end. So a retry loop with the original config finishes an extended run, and
+    "continue at a lower LR" after "train longer" continues the longer run."""
+    saved_end = int(payload.trainer_state.get("max_steps") or 0)
+    if plan.planned >= saved_end:
+        return
+    old = payload.training_args
+    cfg = plan.cfg.model_copy(
+        update={k: old[k] for k in ("num_train_epochs", "max_steps") if k in old}
+    )
+    planned = total_steps(
+        len(plan.train_data), plan.global_batch, cfg.num_train_epochs, cfg.max_steps
+    )
+    if planned != saved_end:
+        return  # other data or batch: the identity check names the difference
+    plan.notes.append(
+        f"the config plans {plan.planned} steps; this run was planned to step {saved_end} "
+        "(by its start or a resume that trained longer) and keeps that end (set "
+        "num_train_epochs or max_steps on the command line to change it)"
+    )
+    plan.cfg, plan.planned = cfg, planned
+    plan.schedule = build_schedule(
+        cfg.lr_scheduler_type, cfg.learning_rate, planned, cfg.warmup_steps, cfg.warmup_ratio
+    )
+
+
 def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:
     """For a preview: the process count the checkpoint was written with."""
     return int(payload.training_args.get("world_size", 1)) if payload is not None else 1
@@ -400,8 +433,12 @@ def _plan_resume(
     payload: checkpoint.CheckpointPayload,
     allow_data_change: bool,
     refusals: list[str] | None,
+    auto: bool = False,
 ) -> None:
-    """Check identity, restore the trainer state and re-plan what the config changed."""
+    """Check identity, restore the trainer state and re-plan what the config changed.
+
+    With ``auto`` (``--resume auto``, the retry loop's command), a checkpoint at or past the
+    planned end is a complete run, never an error: no exit code makes a retry loop spin."""
     cfg, old_args = plan.cfg, payload.training_args
     old_render = {k: old_args.get(k) for k in RENDER_KEYS}
     new_render = {k: getattr(cfg, k) for k in RENDER_KEYS}
@@ -437,8 +474,12 @@ def _plan_resume(
             ),
         )
     old = Schedule.from_dict(payload.scheduler_state["schedule"])
-    if step == plan.planned:
-        plan.complete = True  # the same length as the checkpoint's run: it is finished
+    if step == plan.planned or (auto and step > plan.planned):
+        plan.complete = True  # the checkpoint's run is finished (or past what is asked)
+        if step > plan.planned:
+            plan.notes.append(
+                f"the checkpoint is at step {step}, past the planned end (step {plan.planned})"
+            )
         return
     try:
         plan.lr_plan = plan_schedule(old, step, cfg.learning_rate, plan.planned)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -70,6 +71,11 @@ class RunOptions:
     # printed resume command reproduces the run.
     settings_args: list[str] = field(default_factory=list)
     hooks: RunHooks = field(default_factory=RunHooks)
+    trained: bool = False  # set once this run holds its folder and starts training
+
+    def sets(self, *keys: str) -> bool:
+        """Whether one of ``keys`` was given as KEY=VALUE on the command line."""
+        return any(a.partition("=")[0] in keys for a in self.settings_args if "=" in a)
 
     def resume_command(self, checkpoint_path: Path | None, **changes: Any) -> str:
         """The command that resumes this run from ``checkpoint_path`` with its settings
@@ -77,8 +83,16 @@ class RunOptions:
         target = str(checkpoint_path) if checkpoint_path is not None else C.RESUME_LATEST
         kept = [a for a in self.settings_args if a.partition("=")[0] not in changes]
         extra = [f"{k}={v}" for k, v in changes.items()]
-        args = ["python", "run_model_training.py", "--resume", target, "-y", *kept, *extra]
-        return shlex.join(args)
+        # Works from any folder and any shell: this folder (the config's relative paths are
+        # relative to it), this interpreter, and the script this run was started with.
+        script = Path(sys.argv[0]) if sys.argv else Path()
+        entry = (
+            [str(script.resolve())]
+            if script.name == "run_model_training.py"
+            else ["-m", "sftrun", "train"]
+        )
+        args = [sys.executable, *entry, "--resume", target, "-y", *kept, *extra]
+        return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
 
 
 @dataclass
@@ -166,6 +180,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         resume=opts.resume,
         no_unsloth=opts.no_unsloth,
         allow_data_change=opts.allow_data_change,
+        length_set=opts.sets("num_train_epochs", "max_steps"),
     )
     try:
         return _planned_run(plan, opts, stamp, log_file, started)
@@ -179,7 +194,8 @@ def _planned_run(
     if plan.complete:  # the caller says so (the CLI prints and logs one line)
         if plan.staging is not None:  # the final checkpoint, downloaded: keep it locally
             _with_lock(plan, lambda: None)
-        return RunResult(plan.planned, plan.planned, plan.ckpt_path, log_file, None, complete=True)
+        step = plan.state.global_step
+        return RunResult(step, plan.planned, plan.ckpt_path, log_file, None, complete=True)
     accelerator = _make_accelerator(plan.dtype)
     model = _build_model(plan, opts.hooks)  # base model + LoRA; refuses without disk space
     summary = run_summary(
@@ -239,6 +255,7 @@ def _train_run(
     started: tuple[str, str, Path, float],  # timestamp, summary, log file, start time
 ) -> RunResult:
     stamp, summary, log_file, t0 = started
+    opts.trained = True
     _tidy_output_folder(plan, accelerator)
     loss_module, optimizer = _place(plan, accelerator, model, opts.hooks.make_loss or LabelOnlyLoss)
     board = _open_board(plan, accelerator, stamp, summary)
