@@ -343,7 +343,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise
     try:
         manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also too deep, or a number too long to convert
         raise CheckpointError(f"{path}: {C.MANIFEST_FILE} is damaged (not valid JSON)") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path}: {C.MANIFEST_FILE} has no file list")
@@ -392,7 +392,7 @@ def _parse_trainer_state(path: Path, raw: bytes, step: int) -> dict[str, Any]:
     try:
         state = json.loads(raw)
         TrainerStateView.model_validate(state)
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:
         why = _schema_problem(exc) if isinstance(exc, ValidationError) else "not valid JSON"
         raise CheckpointError(f"{path}: {C.TRAINER_STATE_FILE} is malformed ({why})") from None
     if state["global_step"] != step:
@@ -503,7 +503,7 @@ def load(path: str | Path) -> tuple[CheckpointPayload, dict[str, Any]]:
     trainer_state = _parse_trainer_state(p, raw[C.TRAINER_STATE_FILE], manifest["step"])
     try:
         adapter_config = json.loads(raw[C.ADAPTER_CONFIG_FILE])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{p}: could not parse {C.ADAPTER_CONFIG_FILE} ({exc})") from None
     payload = CheckpointPayload(
         adapter_state=adapter,
@@ -650,14 +650,20 @@ def move_aside(output_dir: str | Path, paths: list[Path]) -> Path | None:
 
 
 def rotate(
-    output_dir: str | Path, limit: int | None, protect: set[str], run_id: str | None
+    output_dir: str | Path,
+    limit: int | None,
+    protect: set[str],
+    run_id: str | None,
+    on_error: Callable[[Path, OSError], None] | None = None,
 ) -> list[Path]:
-    """Delete the oldest intact checkpoints of run ``run_id`` beyond ``limit``.
+    """Delete the oldest intact checkpoints of run ``run_id`` beyond ``limit``; return them.
 
     ``protect`` holds folder *names* (the best checkpoint), so a moved or copied run folder
     protects the same ones. Never deletes the newest valid checkpoint, a damaged folder (left
     for the user to inspect), or another run's checkpoint. Folders are checked with
     :func:`verify_known`: a save re-hashes only what changed since this process last saw it.
+    With ``on_error``, a folder that cannot be deleted (permissions, a read-only mount) is
+    reported to it and rotation goes on; without, the OSError is raised.
     """
     if limit is None:
         return []
@@ -671,11 +677,18 @@ def rotate(
     if valid:
         keep.add(valid[-1].name)
     doomed = [p for p in mine if p.name not in keep][: max(0, len(mine) - limit)]
+    removed = []
     for path in doomed:
-        remove_owned(path, out)
-    if doomed:
+        try:
+            remove_owned(path, out)
+            removed.append(path)
+        except OSError as exc:
+            if on_error is None:
+                raise
+            on_error(path, exc)
+    if removed:
         _fsync_dir(out)
-    return doomed
+    return removed
 
 
 def describe_available(output_dir: Path) -> str:
@@ -727,6 +740,13 @@ def resolve(arg: str, output_dir: str | Path) -> tuple[Path | None, list[Checkpo
         raise CheckpointError(
             f"checkpoint not found: {path}; {describe_available(where)}{hint} (or --resume latest)"
         )
+    if not (path / C.MANIFEST_FILE).exists() and _checkpoint_dirs(path):
+        valid = [c for c in scan(path) if c.valid]
+        example = f", e.g. --resume {valid[-1].path}" if valid else ""
+        raise CheckpointError(
+            f"--resume {path}: that is a run folder; use --resume latest (with output_dir="
+            f"{path}) or a checkpoint-N inside it{example}"
+        )
     problem = verify(path)
     if problem is not None:
         others = [c for c in scan(path.parent) if c.valid and c.path.resolve() != path.resolve()]
@@ -766,7 +786,7 @@ def peek(path: str | Path) -> dict[str, Any]:
             data = json.loads(_read_small(p, name, limit))
             schema.model_validate(data)
             view[key] = data
-        except (CheckpointError, ValueError, ValidationError):
+        except (CheckpointError, ValueError, ValidationError, RecursionError):
             pass
     try:
         view["mtime"] = os.lstat(p).st_mtime

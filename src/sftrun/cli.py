@@ -56,7 +56,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The log file exists from the first instant and receives every error and the last line;
     # a command that trains nothing moves it aside at the end (monitor.file_away_untrained).
     stamp = timestamp()
-    log_file = setup_logging(stamp, rank=launched_rank())
+    try:
+        log_file = setup_logging(stamp, rank=launched_rank())
+    except OSError as exc:
+        raise SftrunError(
+            f"cannot write the run's log in {C.LOG_DIR} ({exc.strerror or exc}); run from a "
+            f"writable working folder (every run writes {C.OUTPUTS_DIR}/ there)"
+        ) from None
     opts: RunOptions | None = None
     try:
         cfg = load_config(args.config, args.overrides)

@@ -190,6 +190,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A config holds a few hundred values; YAML aliases (*name) can make a tiny file stand for
+# billions of them (the "billion laughs"), which validation would then walk one by one.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_expanded_size(root: yaml.Node | None, path: Path) -> None:
+    """Refuse a document whose aliases expand to more than MAX_CONFIG_VALUES values, or
+    that refers to itself; counted on the node graph (each shared node once), in no time."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{path}: a YAML alias refers to the node that holds it; remove it")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        sizes[key] = min(total, MAX_CONFIG_VALUES + 1)
+        return sizes[key]
+
+    if root is not None and size(root) > MAX_CONFIG_VALUES:
+        raise ConfigError(
+            f"{path}: its YAML aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} values; "
+            "a config needs a few hundred: write the values out without aliases"
+        )
+
+
 def _key_lines(text: str) -> dict[str, int]:
     """Map dotted keys of a YAML mapping to their 1-based line numbers (best effort)."""
     lines: dict[str, int] = {}
@@ -226,10 +260,21 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. learning_rate=1e-4")
+    if raw == "":
+        return key.strip(), ""
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        loader = yaml.SafeLoader(raw)
+        try:
+            node = loader.get_single_node()
+            _check_expanded_size(node, Path(f"override {key.strip()}"))
+            value = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}: the value is nested too deeply") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({why})") from None
     return key.strip(), value
 
 
@@ -268,9 +313,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             loader = _UniqueKeyLoader(text)
             loader.name = str(p)
             try:
-                loaded = loader.get_single_data()
+                node = loader.get_single_node()
+                _check_expanded_size(node, p)
+                loaded = loader.construct_document(node) if node is not None else None
             finally:
                 loader.dispose()
+        except RecursionError:
+            raise ConfigError(
+                f"{p}: nested too deeply to be a config; a config is a few levels of key: value"
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark is not None else str(p)

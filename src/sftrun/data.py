@@ -78,8 +78,8 @@ def format_counts(counts: dict[str, int]) -> str:
     )
 
 
-# One record (a JSONL line, or a whole .json array file) larger than this is refused before
-# it is read into memory: parsing and rendering a record costs many times its size.
+# One record (a JSONL line, a whole .json array file, a table row's text) larger than this is
+# refused before it is parsed: parsing and rendering a record costs many times its size.
 MAX_RECORD_BYTES = 16 << 20
 
 
@@ -142,17 +142,27 @@ def _is_array_file(path: Path, head: bytes) -> bool:
     return path.suffix != ".jsonl" and head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
-def _parse_line(path: Path, lineno: int, text: str, lenient: bool) -> Any:
+def json_problem(text: str | bytes) -> tuple[Any, str | None]:
+    """``json.loads(text)`` and None, or None and what is wrong, in words: invalid JSON, nesting
+    deeper than Python's parser goes, or an integer longer than Python converts (4300 digits)."""
     try:
-        return json.loads(text)
+        return json.loads(text), None
     except json.JSONDecodeError as exc:
-        error = DataError(
-            f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-            "each line must be one JSON object"
-        )
-        if lenient:
-            return error
-        raise error from None
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply (over ~1000 levels)"
+    except ValueError as exc:  # int_max_str_digits
+        return None, f"a JSON number is too long ({str(exc).split(';')[0].split(':')[-1].strip()})"
+
+
+def _parse_line(path: Path, lineno: int, text: str, lenient: bool) -> Any:
+    value, problem = json_problem(text)
+    if problem is None:
+        return value
+    error = DataError(f"{path}:{lineno}: {problem}; each line must be one JSON object")
+    if lenient:
+        return error
+    raise error from None
 
 
 def _read_records(path: Path, lenient: bool = False) -> list[tuple[str, Any]]:
@@ -196,6 +206,19 @@ def _load_table(path: Path, cache: str) -> Any:
 TURN_COLUMNS = ("messages", "conversations")
 
 
+def _text_size(value: Any) -> int:
+    """Bytes of text in a table row (its strings, UTF-8), counted without copying them."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(k) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(v) for v in value)
+    return 8
+
+
 def _read_table(path: Path, lenient: bool) -> list[tuple[str, Any]]:
     """Rows of a Parquet/CSV/Arrow file or a save_to_disk folder, as records.
 
@@ -217,6 +240,11 @@ def _read_table(path: Path, lenient: bool) -> list[tuple[str, Any]]:
         where = f"{path}:row {i}"
         record = {k: v for k, v in row.items() if v is not None and not (is_csv and v == "")}
         try:
+            if (size := _text_size(record)) > MAX_RECORD_BYTES:
+                raise DataError(
+                    f"{where}: a record of {size >> 20} MiB of text is over the "
+                    f"{MAX_RECORD_BYTES >> 20} MiB limit; split or shorten it"
+                )
             for key in TURN_COLUMNS if is_csv else ():
                 if key in record:
                     record[key] = _parse_cell(record[key], where, key)
@@ -230,13 +258,12 @@ def _read_table(path: Path, lenient: bool) -> list[tuple[str, Any]]:
 
 
 def _parse_cell(text: str, where: str, key: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
+    value, problem = json_problem(text)
+    if problem is not None:
         raise DataError(
-            f"{where}: the {key!r} cell is not valid JSON ({exc.msg} at column {exc.colno}); "
-            "in CSV a list of turns is written as JSON text"
+            f"{where}: the {key!r} cell is {problem}; in CSV a list of turns is written as JSON text"
         ) from None
+    return value
 
 
 def _read_json(path: Path, lenient: bool) -> list[tuple[int, Any]]:
@@ -257,6 +284,8 @@ def _read_json(path: Path, lenient: bool) -> list[tuple[int, Any]]:
                 items = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            except (ValueError, RecursionError):  # too deep, or a number too long
+                raise DataError(f"{path}: {json_problem(text)[1]}") from None
             if not isinstance(items, list):
                 raise DataError(f"{path}: a .json data file must hold a list of records")
             # A JSON array has no per-record lines; number records from 1 instead.
@@ -434,10 +463,21 @@ def data_fingerprint(value: str | Path | list[str], render: dict[str, Any]) -> s
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
+def _render(
+    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, source: str
+) -> str:
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except jinja2.TemplateError as exc:  # raise_exception(...) in the template, or a bad name
+        raise DataError(
+            f"{source}: the chat template refused this record ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); fix the record or the "
+            "template (chat_template)"
+        ) from None
     assert isinstance(text, str)
     return text
 
@@ -454,13 +494,13 @@ def assistant_spans(tokenizer: Any, conv: Conversation) -> tuple[str, list[tuple
             "set chat_template: chatml (or a path to a Jinja file), or use text or plain "
             "prompt-completion records"
         )
-    full = _render(tokenizer, conv.messages, False)
+    full = _render(tokenizer, conv.messages, False, conv.source)
     spans = []
     for i, msg in enumerate(conv.messages):
         if msg["role"] != "assistant" or i < conv.first_trained:
             continue
-        prompt = _render(tokenizer, conv.messages[:i], True)
-        upto = _render(tokenizer, conv.messages[: i + 1], False)
+        prompt = _render(tokenizer, conv.messages[:i], True, conv.source)
+        upto = _render(tokenizer, conv.messages[: i + 1], False, conv.source)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise DataError(
                 f"{conv.source}: the chat template does not render conversations "

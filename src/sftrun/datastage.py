@@ -2,7 +2,9 @@
 
 Owns the tokenized cache (one safetensors file per data fingerprint + tokenizer, so that
 repeated runs and resumes do not re-tokenize) and the stats report. Never decides data order
-or touches checkpoints. The cache holds integers only (safetensors); nothing in it can run code.
+or touches checkpoints. The cache holds integers only (safetensors); nothing in it can run code,
+and it carries the sha256 of its tokens: a cache that was rewritten or damaged is rebuilt,
+never trained on.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ def _save_cache(target: Path, data: TokenizedData) -> None:
         "input_ids": torch.tensor([t for x in data.input_ids for t in x], dtype=torch.int64),
         "labels": torch.tensor([t for x in data.labels for t in x], dtype=torch.int64),
     }
-    meta = {"fingerprint": data.fingerprint, "counts": json.dumps(data.counts)}
+    meta = {
+        "fingerprint": data.fingerprint,
+        "counts": json.dumps(data.counts),
+        "sha256": _tensors_sha256(tensors),
+    }
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,13 +72,39 @@ def _save_cache(target: Path, data: TokenizedData) -> None:
         ) from None
 
 
-def _load_cache(target: Path) -> TokenizedData | None:
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in ("lengths", "input_ids", "labels"):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_cache(target: Path, fingerprint: str) -> TokenizedData | None:
+    """The cached tokens, or None (tokenize again) when the file is missing, unreadable, for
+    other data, or does not match the checksum written with it (a changed or damaged cache is
+    never trained on)."""
+    if not target.exists():
+        return None
     try:
         with safetensors.safe_open(str(target), framework="pt") as fh:
-            meta = fh.metadata()
+            meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in ("lengths", "input_ids", "labels")}
-    except (OSError, safetensors.SafetensorError, KeyError):
-        return None  # missing or damaged: tokenize again
+        counts = json.loads(meta["counts"])
+        problem = None
+        if meta.get("fingerprint") != fingerprint:
+            problem = "it was written for other data"
+        elif meta.get("sha256") != _tensors_sha256(tensors):
+            problem = "its tokens do not match its checksum (changed or damaged)"
+        elif int(tensors["lengths"].sum()) != len(tensors["input_ids"]) or len(
+            tensors["input_ids"]
+        ) != len(tensors["labels"]):
+            problem = "its lengths do not add up"
+    except (OSError, safetensors.SafetensorError, KeyError, ValueError, TypeError):
+        problem = "it cannot be read"
+    if problem is not None:
+        log.warning("tokenized data cache %s: %s; tokenizing again", target, problem)
+        return None
     ids, labels = [], []
     start = 0
     flat_ids, flat_labels = tensors["input_ids"].tolist(), tensors["labels"].tolist()
@@ -80,7 +112,7 @@ def _load_cache(target: Path) -> TokenizedData | None:
         ids.append(flat_ids[start : start + n])
         labels.append(flat_labels[start : start + n])
         start += n
-    return TokenizedData(ids, labels, meta["fingerprint"], json.loads(meta["counts"]))
+    return TokenizedData(ids, labels, meta["fingerprint"], counts)
 
 
 def load_or_tokenize(
@@ -96,7 +128,7 @@ def load_or_tokenize(
     render = {"max_seq_length": max_seq_length, "overlong": overlong, "train_on": train_on}
     fingerprint = data_fingerprint(path, render)  # hashed once: the key and the data's own
     target = CACHE_DIR / f"{cache_key(fingerprint, tokenizer_sha)}.safetensors"
-    cached = _load_cache(target)
+    cached = _load_cache(target, fingerprint)
     if cached is not None:
         return cached, True
     data = tokenize_file(tokenizer, path, max_seq_length, overlong, train_on, fingerprint)
@@ -130,6 +162,20 @@ def stats(data: TokenizedData) -> dict[str, Any]:
 def write_report(reports: dict[str, tuple[str, dict[str, Any]]]) -> tuple[Path, Path]:
     """Write ``stats.json`` and ``stats.md`` for {split: (file, stats)}; return both paths."""
     out = Path(C.DATA_STAGE_DIR)
+    try:
+        return _write_report(out, reports)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskSpaceError(
+                f"disk full while writing the data stats in {out}; free space on that disk "
+                "and start again"
+            ) from None
+        raise DataError(
+            f"could not write the data stats in {out} ({exc.strerror}); make it writable"
+        ) from None
+
+
+def _write_report(out: Path, reports: dict[str, tuple[str, dict[str, Any]]]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "stats.json").write_text(
         json.dumps({k: {"file": f, **s} for k, (f, s) in reports.items()}, indent=2) + "\n"

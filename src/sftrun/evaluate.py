@@ -26,7 +26,7 @@ def score_json(pred: str, ref: str) -> bool:
     """True when both parse as JSON and are equal (key order and spacing do not matter)."""
     try:
         return bool(json.loads(pred) == json.loads(ref))
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # not JSON, too deep, a number too long
         return False
 
 

@@ -192,6 +192,25 @@ def _template_text(chat_template: str) -> str:
         raise ModelError(f"chat_template {path}: cannot be read as UTF-8 text ({exc})") from None
 
 
+def check_template(tokenizer: Any, name: str) -> None:
+    """Raise ModelError naming the template when its Jinja does not parse (a typo is found
+    here, once, not as a traceback inside the first record rendered)."""
+    import jinja2
+    import jinja2.sandbox
+
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        return
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        env.parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelError(
+            f"chat template {name}: line {exc.lineno}: {exc.message}; fix the template (or set "
+            "chat_template: chatml)"
+        ) from None
+
+
 def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
     """The model's tokenizer; ``chat_template`` (a known name or a Jinja file) replaces its
     chat template. A tokenizer without one is fine for raw-text data; chat records then fail
@@ -209,6 +228,7 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
         ) from None
     if chat_template is not None:
         tokenizer.chat_template = _template_text(chat_template)
+    check_template(tokenizer, chat_template or f"of {p}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -115,7 +115,7 @@ def _refuse(plan_refusals: list[str] | None, error: SftrunError) -> None:
     plan_refusals.append(str(error))
 
 
-def check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path, key: str = "output_dir") -> None:
     """Raise ConfigError unless ``out`` is (or can be created as) a writable folder.
 
     Checked by writing and removing a probe file, before any model is loaded, so a bad
@@ -123,25 +123,38 @@ def check_output_dir(out: Path) -> None:
     """
     if out.is_symlink() and not out.exists():
         raise ConfigError(
-            f"output_dir {out} is a symbolic link to a missing folder ({os.readlink(out)}); "
-            "create that folder or set output_dir elsewhere"
+            f"{key} {out} is a symbolic link to a missing folder ({os.readlink(out)}); "
+            f"create that folder or set {key} elsewhere"
         )
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(
-            f"output_dir {out}: {probe} is a file, not a folder; set output_dir to a folder"
-        )
+        raise ConfigError(f"{key} {out}: {probe} is a file, not a folder; set {key} to a folder")
     try:
         fd, name = tempfile.mkstemp(prefix=".sftrun-write-test-", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
         raise ConfigError(
-            f"output_dir {out}: cannot write in {probe} ({exc.strerror}); set output_dir to "
-            "a writable folder"
+            f"{key} {out}: cannot write in {probe} ({exc.strerror}); set {key} to a writable folder"
         ) from None
+
+
+def check_stage_folders(cfg: TrainingConfig) -> None:
+    """The folders a run writes besides ``output_dir``: the data cache and, with TensorBoard,
+    its runs. Their names are fixed under the working folder, so the fix is to run from a
+    writable one (or to remove what is in the way)."""
+    folders = [(Path(C.DATA_STAGE_DIR), "the tokenized data cache")]
+    if "tensorboard" in cfg.report_to:
+        folders.append((Path(C.TENSORBOARD_DIR), "TensorBoard's runs"))
+    for folder, what in folders:
+        try:
+            check_output_dir(folder, key=f"{what} folder")
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc}; or run from another working folder (remove a file or link in its place)"
+            ) from None
 
 
 def make_plan(
@@ -169,6 +182,7 @@ def make_plan(
     processes = None if preview else distributed.start(cfg.ddp_timeout)
     if not preview:
         check_output_dir(out)
+        check_stage_folders(cfg)
     for key in ("train_file", "eval_file"):
         if getattr(cfg, key):
             check_data_file(getattr(cfg, key), key)

@@ -543,6 +543,20 @@ class _Loop:
     saved_here: Path | None = None  # the last checkpoint this process committed
     uploader: mirror.Uploader | None = None  # process 0 with mirror_to set
     scaler: Any = None  # torch.amp.GradScaler with dtype float16
+    rotation_failed: bool = False  # warned once that rotation could not delete a checkpoint
+
+    def cannot_delete(self, path: Path, exc: OSError) -> None:
+        """Rotation could not delete ``path``: training goes on; the first time, say so."""
+        if not self.rotation_failed:
+            log.warning(
+                "could not delete %s to keep save_total_limit=%s (%s); training goes on and "
+                "keeps the extra checkpoints (this is said once; delete them yourself, or fix "
+                "the folder's permissions)",
+                path,
+                self.cfg.save_total_limit,
+                exc.strerror or exc,
+            )
+        self.rotation_failed = True
 
     @property
     def cfg(self) -> TrainingConfig:
@@ -904,7 +918,7 @@ def _save(ctx: _Loop) -> Path:
         # By name inside the run folder: a moved or copied run protects the same folder.
         protect = {Path(best).name} if best else set()
         removed = checkpoint.rotate(
-            ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect, state.run_id
+            ctx.cfg.output_dir, ctx.cfg.save_total_limit, protect, state.run_id, ctx.cannot_delete
         )
         if ctx.uploader is not None:  # in the background: the next step does not wait
             ctx.uploader.submit(path, checkpoint.names(ctx.cfg.output_dir))
