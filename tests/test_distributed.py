@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import tiny_settings, write_config
-from tests.runs import HELPERS, adapter, assert_same_tensors, entries, trainer_state
+from tests.runs import (
+    HELPERS,
+    adapter,
+    assert_same_tensors,
+    entries,
+    run_sftrun,
+    trainer_state,
+)
 
 from sftrun import checkpoint
 from sftrun.distributed import micro_batches, rank_seed
@@ -53,12 +60,17 @@ def test_rank_seeds_are_distinct_and_one_process_keeps_the_seed() -> None:
 
 
 def _torchrun(
-    cwd: Path, args: list[str], n: int = 2, env: dict[str, str] | None = None, timeout: int = 240
+    cwd: Path,
+    args: list[str],
+    n: int = 2,
+    env: dict[str, str] | None = None,
+    timeout: int = 240,
+    launcher: str = "torch.distributed.run",
 ) -> subprocess.CompletedProcess[str]:
     with socket.socket() as s:  # a free port, so parallel jobs never meet
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}"]
+    cmd = [sys.executable, "-m", launcher, f"--nproc_per_node={n}"]
     cmd += ["--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
     cmd += [str(HELPERS / "chaos.py"), "train", "-y", "--config", "config.yaml", *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -196,6 +208,43 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(
     names = entries(tmp_path / OUT)
     assert names == ["checkpoint-5"] and checkpoint.verify(tmp_path / OUT / "checkpoint-5") is None
     resumed = _torchrun(tmp_path, [*TWO, "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert trainer_state(tmp_path / OUT / "checkpoint-12")["resumed_from"] == [5]
+
+
+@pytest.mark.slow
+def test_a_signal_stop_under_the_launcher_is_a_stop_and_its_printed_commands_work(
+    tmp_path: Path, tiny_model: Path, sample_dir: Path
+) -> None:
+    write_config(
+        tmp_path / "config.yaml",
+        tiny_settings(tiny_model, sample_dir, eval_file=None, save_steps=100),
+    )
+    env = {"SFTRUN_TEST_SIGNAL_AT_STEP": "4:SIGTERM", "SFTRUN_TEST_SIGNAL_RANK": "1"}
+    proc = _torchrun(tmp_path, TWO, env=env, launcher="sftrun.launch")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "FAILED" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    printed = proc.stdout + proc.stderr
+    assert printed.count("resume with: ") == 1  # process 0 alone says it
+    same = printed.split("resume with: ", 1)[1].splitlines()[0]
+    assert "-m sftrun.launch --standalone --nproc_per_node=2 -m sftrun train" in same
+    one = printed.split("on one process (the same global batch 4, the same samples): ")[1]
+    one = one.splitlines()[0]
+    assert one.endswith("per_device_train_batch_size=1 gradient_accumulation_steps=4")
+    # ckpt inspect says which process count it assumed, and what keeps the batch on another.
+    inspect = run_sftrun(
+        ["ckpt", "inspect", str(OUT / "checkpoint-5"), "--config", "config.yaml", *TWO], tmp_path
+    )
+    assert inspect.returncode == 0, inspect.stderr
+    assert "processes    2, as the checkpoint was written" in inspect.stdout
+    assert "1 process(es): gradient_accumulation_steps=4" in inspect.stdout
+    # Without the setting, one process is refused with the setting named.
+    single = _single(tmp_path, [*TWO, "--resume", "latest"])
+    assert single.returncode == 4
+    assert "set gradient_accumulation_steps=4" in single.stderr
+    # The printed one-process command works as printed, from another folder.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    resumed = subprocess.run(["bash", "-c", one], cwd="/", env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert trainer_state(tmp_path / OUT / "checkpoint-12")["resumed_from"] == [5]
 

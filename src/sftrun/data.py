@@ -261,7 +261,8 @@ def _parse_cell(text: str, where: str, key: str) -> Any:
     value, problem = json_problem(text)
     if problem is not None:
         raise DataError(
-            f"{where}: the {key!r} cell is {problem}; in CSV a list of turns is written as JSON text"
+            f"{where}: the {key!r} cell is {problem}; in CSV a list of turns is written as "
+            "JSON text"
         ) from None
     return value
 

@@ -230,6 +230,18 @@ def render_inspect(path: Path, problem: str | None, view: dict[str, Any]) -> str
 def render_preview(plan: RunPlan, config_path: str) -> str:
     """``ckpt inspect``'s dry run: what resuming with this config would do or refuse."""
     lines = [f"resume with {config_path}:"]
+    if plan.payload is not None:
+        from sftrun.resume import keep_batch
+
+        world = plan.world
+        other = 1 if world > 1 else 2
+        saved = int(plan.payload.identity.get("global_batch_size") or plan.global_batch)
+        micro = plan.cfg.per_device_train_batch_size
+        lines.append(
+            f"  processes    {world}, as the checkpoint was written (a launch on another count "
+            f"keeps the global batch {saved} with its own settings, e.g. {other} process(es): "
+            f"{keep_batch(saved, micro, other)})"
+        )
     if plan.refusals:
         lines += [f"  would refuse {line}" for line in plan.refusals]
     else:

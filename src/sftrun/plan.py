@@ -49,6 +49,7 @@ from sftrun.resume import (
     global_batch_size,
     identity_differences,
     identity_error,
+    keep_batch,
     kept_changes,
     plan_schedule,
     resolved_dtype,
@@ -465,10 +466,20 @@ def _plan_resume(
     blocking, notes = split_identity(diffs, allow_data_change)
     plan.notes += notes
     blocking = [_with_factors(d, old_args, cfg, plan.world) for d in blocking]
+    saved_batch = payload.identity.get("global_batch_size")
+    batch_fix = (
+        keep_batch(saved_batch, cfg.per_device_train_batch_size, plan.world)
+        if isinstance(saved_batch, int)
+        else ""
+    )
     if blocking:
         if refusals is None:
-            raise identity_error(blocking)
+            raise identity_error(blocking, batch_fix)
         refusals += [describe_difference(*d) for d in blocking]
+        if batch_fix and any(k == "global_batch_size" for k, _, _ in blocking):
+            refusals.append(
+                f"to keep the global batch on {plan.world} process(es), set {batch_fix}"
+            )
 
     plan.state = TrainState.from_dict(payload.trainer_state)
     step = plan.state.global_step

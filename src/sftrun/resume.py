@@ -97,6 +97,16 @@ def global_batch_size(cfg: TrainingConfig, world_size: int) -> int:
     return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
 
 
+def keep_batch(global_batch: int, micro: int, world: int) -> str:
+    """The settings that give ``global_batch`` on ``world`` processes (the accumulation with
+    the same micro-batch when it divides, else a micro-batch of 1)."""
+    if global_batch % (micro * world) == 0:
+        return f"gradient_accumulation_steps={global_batch // (micro * world)}"
+    if global_batch % world == 0:
+        return f"per_device_train_batch_size=1 gradient_accumulation_steps={global_batch // world}"
+    return f"a process count that divides {global_batch}"
+
+
 def build_identity(
     cfg: TrainingConfig,
     *,
@@ -191,13 +201,15 @@ def describe_difference(key: str, was: Any, now: Any) -> str:
     return f"{IDENTITY_LABELS.get(key, key)}: {_short(was)} -> {_short(now)}"
 
 
-def identity_error(blocking: list[tuple[str, Any, Any]]) -> CheckpointError:
+def identity_error(blocking: list[tuple[str, Any, Any]], batch_fix: str = "") -> CheckpointError:
     """The one refusal that names every blocking identity difference and the fix."""
     fix = (
         "; pass --allow-data-change to accept changed data"
         if any(k == "data_fingerprint" for k, _, _ in blocking)
         else ""
     )
+    if batch_fix and any(k == "global_batch_size" for k, _, _ in blocking):
+        fix += f"; to keep the global batch on this process count, set {batch_fix}"
     return CheckpointError(
         "the model is not compatible with the checkpoint: "
         + "; ".join(describe_difference(*d) for d in blocking)

@@ -77,9 +77,10 @@ class RunOptions:
         """Whether one of ``keys`` was given as KEY=VALUE on the command line."""
         return any(a.partition("=")[0] in keys for a in self.settings_args if "=" in a)
 
-    def resume_command(self, checkpoint_path: Path | None, **changes: Any) -> str:
+    def resume_command(self, checkpoint_path: Path | None, world: int = 1, **changes: Any) -> str:
         """The command that resumes this run from ``checkpoint_path`` with its settings
-        (and ``changes`` as KEY=VALUE in place of the same keys)."""
+        (and ``changes`` as KEY=VALUE in place of the same keys) on ``world`` processes (one
+        machine, through ``sftrun.launch``, torchrun's arguments)."""
         target = str(checkpoint_path) if checkpoint_path is not None else C.RESUME_LATEST
         kept = [a for a in self.settings_args if a.partition("=")[0] not in changes]
         extra = [f"{k}={v}" for k, v in changes.items()]
@@ -91,7 +92,9 @@ class RunOptions:
             if script.name == "run_model_training.py"
             else ["-m", "sftrun", "train"]
         )
-        args = [sys.executable, *entry, "--resume", target, "-y", *kept, *extra]
+        launch = ["-m", "sftrun.launch", "--standalone", f"--nproc_per_node={world}"]
+        args = [sys.executable, *(launch if world > 1 else []), *entry]
+        args += ["--resume", target, "-y", *kept, *extra]
         return f"cd {shlex.quote(os.getcwd())} && {shlex.join(args)}"
 
 
@@ -645,10 +648,13 @@ def _train_loop(ctx: _Loop, stopper: StopRequest) -> None:
             if _due(step, cfg.save_steps, plan.planned) or stop:
                 ctx.saved_here = _save(ctx)
             if stop:
-                command = ctx.opts.resume_command(ctx.saved_here)
-                log.warning(
-                    "stopped by %s at step %d; resume with: %s", stopper.signal_name, step, command
-                )
+                if ctx.acc.is_main_process:  # once, not once per process
+                    log.warning(
+                        "stopped by %s at step %d; resume with: %s",
+                        stopper.signal_name,
+                        step,
+                        _resume_advice(ctx),
+                    )
                 break
     except torch.OutOfMemoryError:
         raise SftrunError(_oom_message(cfg, state.global_step, plan.global_batch)) from None
@@ -765,11 +771,29 @@ def _log_metrics(ctx: _Loop, window: MetricsWindow, last: StepStats) -> None:
         ctx.board.scalars(state.global_step, {k: v for k, v in values.items() if v is not None})
 
 
+def _resume_advice(ctx: _Loop) -> str:
+    """The resume command on this run's process count; with several processes, also the
+    setting that keeps the global batch on one process (a resume on another count)."""
+    world, cfg = ctx.acc.num_processes, ctx.cfg
+    command = ctx.opts.resume_command(ctx.saved_here, world=world)
+    if world == 1:
+        return command
+    one = ctx.opts.resume_command(
+        ctx.saved_here, gradient_accumulation_steps=cfg.gradient_accumulation_steps * world
+    )
+    return (
+        f"{command}\n  on one process (the same global batch {ctx.plan.global_batch}, the same "
+        f"samples): {one}"
+    )
+
+
 def _divergence_message(ctx: _Loop, step: int, loss: float, grad_norm: float) -> str:
     last = ctx.saved_here or ctx.plan.ckpt_path
     where = (
         f"the last good checkpoint is {last}; resume from it with a lower learning_rate: "
-        + ctx.opts.resume_command(last, learning_rate=f"{ctx.cfg.learning_rate / 10:g}")
+        + ctx.opts.resume_command(
+            last, ctx.acc.num_processes, learning_rate=f"{ctx.cfg.learning_rate / 10:g}"
+        )
         if last is not None
         else "no checkpoint was written; start again with a lower learning_rate"
     )
