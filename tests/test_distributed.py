@@ -193,16 +193,22 @@ def test_resume_on_another_process_count_continues_at_the_exact_sample(
     assert trainer_state(tmp_path / OUT / "checkpoint-12")["samples_seen"] == 48
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_after_the_same_step(
-    tmp_path: Path, tiny_model: Path, sample_dir: Path
-) -> None:
+def _sigterm_to_rank_1_at_step_4(
+    tmp_path: Path, tiny_model: Path, sample_dir: Path, launcher: str
+) -> subprocess.CompletedProcess[str]:
     write_config(
         tmp_path / "config.yaml",
         tiny_settings(tiny_model, sample_dir, eval_file=None, save_steps=100),
     )
     env = {"SFTRUN_TEST_SIGNAL_AT_STEP": "4:SIGTERM", "SFTRUN_TEST_SIGNAL_RANK": "1"}
-    proc = _torchrun(tmp_path, TWO, env=env)
+    return _torchrun(tmp_path, TWO, env=env, launcher=launcher)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step(
+    tmp_path: Path, tiny_model: Path, sample_dir: Path
+) -> None:
+    proc = _sigterm_to_rank_1_at_step_4(tmp_path, tiny_model, sample_dir, "torch.distributed.run")
     assert proc.returncode != 0  # torchrun reports the workers' exit 143
     assert proc.stderr.count(f"exitcode  : {128 + signal.SIGTERM}") in (0, 1, 2)
     names = entries(tmp_path / OUT)
@@ -216,12 +222,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(
 def test_a_signal_stop_under_the_launcher_is_a_stop_and_its_printed_commands_work(
     tmp_path: Path, tiny_model: Path, sample_dir: Path
 ) -> None:
-    write_config(
-        tmp_path / "config.yaml",
-        tiny_settings(tiny_model, sample_dir, eval_file=None, save_steps=100),
-    )
-    env = {"SFTRUN_TEST_SIGNAL_AT_STEP": "4:SIGTERM", "SFTRUN_TEST_SIGNAL_RANK": "1"}
-    proc = _torchrun(tmp_path, TWO, env=env, launcher="sftrun.launch")
+    proc = _sigterm_to_rank_1_at_step_4(tmp_path, tiny_model, sample_dir, "sftrun.launch")
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert "FAILED" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     printed = proc.stdout + proc.stderr

@@ -154,3 +154,16 @@ def test_prune_refuses_while_the_folder_is_locked(tiny_config, workdir: Path, ca
         lock.release()
     assert main(["ckpt", "prune", str(OUT), "--keep", "1"]) == 0
     assert entries(OUT) == ["checkpoint-12"]
+
+
+def test_without_a_terminal_progress_is_a_periodic_line_in_console_and_log(
+    tiny_config, workdir: Path, capsys
+) -> None:
+    tiny_config(eval_file=None)
+    assert main(["train", "-y", "--config", "config.yaml"]) == 0
+    out = capsys.readouterr().out
+    first = [line for line in out.splitlines() if line.startswith("progress: step 1/12 (8%)")]
+    assert len(first) == 1 and "tok_s" in first[0] and "; ETA 0:" in first[0]
+    assert "progress: step 12/12 (100%)" in out
+    log = next((workdir / "outputs/logs").glob("sft_trainer_*.log")).read_text()
+    assert "progress: step 1/12 (8%)" in log and "progress: step 12/12 (100%)" in log

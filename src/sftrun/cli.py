@@ -27,6 +27,13 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # bitsandbytes (QLoRA) on an AVX512-BF16 CPU tries to fetch an optional 4-bit GEMM kernel
+    # from the Hugging Face hub as it is imported, and warns "Failed to load CPU
+    # gemm_4bit_forward ... pip install kernels" when it cannot (always, offline); it then
+    # uses its own CPU path, which is what sftrun's QLoRA tests run. docs/models.md says so.
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # accelerate 1.15 calls a transformers 5.23 property that is being renamed.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     hf_logging.disable_progress_bar()

@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import shutil
-import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from sftrun.modeling import (
     restore_adapter,
     weights_sha256,
 )
+from sftrun.safefile import read_json_object
 
 PLAIN = Backend("plain", "inference")
 
@@ -161,19 +161,7 @@ def _export_marker(ckpt: str | Path) -> dict[str, Any]:
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
-    try:
-        fd = os.open(folder / C.EXPORT_MARKER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        raw = fh.read(1 << 20)
-    try:
-        found = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return found if isinstance(found, dict) else None
+    return read_json_object(folder / C.EXPORT_MARKER_FILE, 1 << 20)
 
 
 def _same_export(folder: Path, marker: dict[str, Any]) -> bool:

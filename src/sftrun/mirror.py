@@ -39,6 +39,7 @@ from typing import Any
 from sftrun import checkpoint
 from sftrun import constants as C
 from sftrun.errors import CheckpointError, ConfigError
+from sftrun.safefile import read_small
 
 log = logging.getLogger("sftrun")
 
@@ -97,6 +98,12 @@ class Remote:
                 "'sftrun[remote]') or check the URL"
             ) from None
 
+    @property
+    def _local(self) -> bool:
+        """This machine's file system: files are checked with the OS before they are read."""
+        protocol = self.fs.protocol
+        return bool({"file", "local"} & set((protocol,) if isinstance(protocol, str) else protocol))
+
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
@@ -116,16 +123,8 @@ class Remote:
     def _read_small(self, path: str, limit: int) -> bytes | None:
         """A small remote file's bytes; None when it is missing, not a regular file, or over
         ``limit`` (checked before reading, so a FIFO or /dev/zero cannot hang or fill memory)."""
-        if self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                return None
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-                    return None
-                return fh.read(limit + 1)
+        if self._local:
+            return read_small(path, limit)
         try:
             info = self.fs.info(path)
         except FileNotFoundError:
@@ -213,7 +212,7 @@ class Remote:
 
     def _get_regular(self, remote: str, local: Path) -> None:
         """Download one file; anything that is not a regular file is refused, not read."""
-        if self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol):
+        if self._local:
             if not stat.S_ISREG(os.lstat(remote).st_mode):
                 raise CheckpointError(
                     f"{remote} is not a regular file (a link, FIFO or device); not downloaded"

@@ -164,16 +164,57 @@ class Board:
         self.writer.close()
 
 
+# Without a terminal (make train piped, a batch job), one progress line this often.
+PROGRESS_EVERY_S = 60.0
+
+
+class ProgressLines:
+    """The progress bar's stand-in when stderr is not a terminal: a log line (console and log
+    file) after the first step and then every ``every`` seconds, with step/total, the share
+    done, tokens/s over the steps since the last line, and the ETA. Same calls as tqdm's."""
+
+    def __init__(self, total: int, initial: int, every: float = PROGRESS_EVERY_S) -> None:
+        self.total, self.step, self.every = total, initial, every
+        self.started = self.last = time.monotonic()
+        self.first = initial
+        self.postfix: dict[str, Any] = {}
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        now = time.monotonic()
+        if self.step - self.first == 1 or now - self.last >= self.every or self.step == self.total:
+            done = self.step - self.first
+            per_step = (now - self.started) / max(1, done)
+            eta = per_step * (self.total - self.step)
+            extra = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+            log.info(
+                "progress: step %d/%d (%.0f%%) %s; ETA %s",
+                self.step,
+                self.total,
+                100 * self.step / max(1, self.total),
+                extra,
+                _duration(eta),
+            )
+            self.last = now
+
+    def close(self) -> None:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 def progress_bar(total: int, initial: int) -> Any:
-    """Step bar with ETA; hidden when stderr is not a terminal (the log has the metrics)."""
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not sys.stderr.isatty(),
-    )
+    """Step bar with ETA on a terminal; otherwise periodic progress lines (``ProgressLines``)."""
+    if not sys.stderr.isatty():
+        return ProgressLines(total, initial)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def mark_superseded_boards(names: set[str], step: int) -> dict[str, str]:

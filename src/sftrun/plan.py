@@ -443,17 +443,14 @@ def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:
     return int(payload.training_args.get("world_size", 1)) if payload is not None else 1
 
 
-def _plan_resume(
+def _check_identity(
     plan: RunPlan,
     payload: checkpoint.CheckpointPayload,
     allow_data_change: bool,
     refusals: list[str] | None,
-    auto: bool = False,
 ) -> None:
-    """Check identity, restore the trainer state and re-plan what the config changed.
-
-    With ``auto`` (``--resume auto``, the retry loop's command), a checkpoint at or past the
-    planned end is a complete run, never an error: no exit code makes a retry loop spin."""
+    """Refuse (or, previewing, list) every identity difference, with the setting that keeps
+    the global batch when that is one of them; note what --allow-data-change accepts."""
     cfg, old_args = plan.cfg, payload.training_args
     old_render = {k: old_args.get(k) for k in RENDER_KEYS}
     new_render = {k: getattr(cfg, k) for k in RENDER_KEYS}
@@ -481,6 +478,20 @@ def _plan_resume(
                 f"to keep the global batch on {plan.world} process(es), set {batch_fix}"
             )
 
+
+def _plan_resume(
+    plan: RunPlan,
+    payload: checkpoint.CheckpointPayload,
+    allow_data_change: bool,
+    refusals: list[str] | None,
+    auto: bool = False,
+) -> None:
+    """Check identity, restore the trainer state and re-plan what the config changed.
+
+    With ``auto`` (``--resume auto``, the retry loop's command), a checkpoint at or past the
+    planned end is a complete run, never an error: no exit code makes a retry loop spin."""
+    _check_identity(plan, payload, allow_data_change, refusals)
+    cfg, old_args = plan.cfg, payload.training_args
     plan.state = TrainState.from_dict(payload.trainer_state)
     step = plan.state.global_step
     plan.state.resumed_from.append(step)

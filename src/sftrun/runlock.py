@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from sftrun import constants as C
 from sftrun.errors import FolderInUseError
+from sftrun.safefile import read_json_object
 
 MAX_INFO_BYTES = 64 << 10
 
@@ -43,19 +44,7 @@ def _describe(info: dict[str, Any]) -> str:
 
 def _read_info(folder: Path) -> dict[str, Any] | None:
     """The holder's info, or None when it is missing, not a regular file, or malformed."""
-    try:
-        fd = os.open(folder / C.LOCK_INFO_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        raw = fh.read(MAX_INFO_BYTES + 1)
-    try:
-        info = json.loads(raw) if len(raw) <= MAX_INFO_BYTES else None
-    except (ValueError, RecursionError):
-        return None
-    return info if isinstance(info, dict) else None
+    return read_json_object(folder / C.LOCK_INFO_FILE, MAX_INFO_BYTES)
 
 
 def _check_not_linked(folder: Path) -> None:

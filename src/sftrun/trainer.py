@@ -631,13 +631,13 @@ def _train_loop(ctx: _Loop, stopper: StopRequest) -> None:
             stats = _optimizer_step(ctx)
             _count(ctx, stats)
             window.add(stats)
-            bar.update(1)
             bar.set_postfix(
                 epoch=f"{state.samples_seen / len(plan.train_data):.2f}",
                 loss=f"{stats.loss:.4f}",
                 lr=f"{stats.lr:.2e}",
                 tok_s=f"{stats.tokens / stats.seconds:.0f}",
             )
+            bar.update(1)
             step = state.global_step
             if _due(step, cfg.logging_steps, plan.planned):
                 _log_metrics(ctx, window, stats)
