@@ -3,8 +3,9 @@
 Takes torchrun's own arguments (it runs ``torch.distributed.run`` in this process). torchrun
 treats any worker that exits non-zero as a failure and ends with a "FAILED" traceback and
 exit 1, also when sftrun's workers stopped cleanly on SIGTERM/SIGHUP/SIGINT (all of them
-after the same step, a checkpoint committed, exit 128+signal). Here such a stop exits with
-the workers' own code and no traceback, so a scheduler or retry loop sees what happened; a
+after the same step, a checkpoint committed, exit 128+signal; torchrun may terminate the
+slower ones while they tear down). Here such a stop exits with the workers' own code and no
+traceback, so a scheduler or retry loop sees what happened; a
 signal to the launcher itself, forwarded by torchrun to the workers, ends the same way. Any
 other failure is torchrun's, unchanged.
 """
@@ -28,8 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
-        if len(codes) == 1 and codes <= STOP_CODES:
-            return codes.pop()  # every failed worker stopped on the same signal: a clean stop
+        stopped = codes & STOP_CODES
+        # A worker that exits first makes torchrun terminate the others (exit code -SIGTERM or
+        # -SIGKILL): they had committed the checkpoint with it (every process leaves the save
+        # together) and were only tearing down.
+        torn_down = codes - STOP_CODES <= {-int(signal.SIGTERM), -int(signal.SIGKILL)}
+        if len(stopped) == 1 and torn_down:
+            return stopped.pop()  # the workers stopped on one signal: a clean stop
         raise
     except SignalException as exc:
         return 128 + int(exc.sigval)

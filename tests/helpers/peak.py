@@ -1,5 +1,5 @@
 """Train 2 steps in this process and print, as JSON, how much the resident memory grew
-during training (the peak, ru_maxrss, over the resident size as step 1 starts) and what
+during training (the peak, VmHWM reset as step 1 starts, over the resident size then) and what
 ``sftrun.memory.estimate`` expected on top of the loaded weights.
 
     python peak.py MODEL DATA MICRO CHECKPOINTING(0|1)
@@ -7,7 +7,6 @@ during training (the peak, ru_maxrss, over the resident size as step 1 starts) a
 
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -23,8 +22,21 @@ model, data, micro, checkpointing = sys.argv[1], sys.argv[2], int(sys.argv[3]), 
 start = {}
 
 
+def _hwm() -> int:
+    """The peak resident size (VmHWM) in bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def on_step_start(step):
     if step == 0:
+        # Forget the peak of loading (freed memory still counts in it, and how much of it was
+        # returned to the system varies with the machine's load): from here on, the peak is
+        # training's. "5" resets VmHWM (Linux, proc(5)).
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
         pages = int(open("/proc/self/statm").read().split()[1])
         start["rss"] = pages * os.sysconf("SC_PAGE_SIZE")
 
@@ -51,7 +63,7 @@ assert (
     )
     == 0
 )
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start["rss"]
+grown = _hwm() - start["rss"]
 lora = LoraSettings(r=8, alpha=32, dropout=0.05)
 peft = load_lora_model(model, lora, select_backend("plain", True), torch.float32, 512)
 e = memory.estimate(
