@@ -95,7 +95,9 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(
     first = subprocess.Popen(
         [sys.executable, str(HELPERS / "chaos.py"), "train", "-y", "--config", "config.yaml"],
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "SFTRUN_TEST_SLOW_SAVE": "0.3"},
+        # Slow saves keep the first run holding the lock while the second one starts, also
+        # when the machine is busy with other tests (make test runs two at a time).
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "SFTRUN_TEST_SLOW_SAVE": "1.0"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

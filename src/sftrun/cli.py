@@ -201,7 +201,7 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     from sftrun import checkpoint
     from sftrun.config import load_config
     from sftrun.inventory import render_inspect, render_preview
-    from sftrun.plan import make_plan
+    from sftrun.plan import make_plan, sets_length
 
     path = Path(args.checkpoint)
     problem = checkpoint.verify(path)
@@ -209,15 +209,12 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     if problem is not None:
         return 1
     cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
-    length_set = any(
-        o.partition("=")[0] in ("num_train_epochs", "max_steps") for o in args.overrides
-    )
     plan = make_plan(
         cfg,
         resume=str(path),
         allow_data_change=args.allow_data_change,
         preview=True,
-        length_set=length_set,
+        length_set=sets_length(args.overrides),
     )
     print(render_preview(plan, args.config))
     return 0

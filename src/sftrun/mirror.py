@@ -39,7 +39,7 @@ from typing import Any
 from sftrun import checkpoint
 from sftrun import constants as C
 from sftrun.errors import CheckpointError, ConfigError
-from sftrun.safefile import read_small
+from sftrun.safefile import parse_json_object, read_small
 
 log = logging.getLogger("sftrun")
 
@@ -140,36 +140,29 @@ class Remote:
     def manifest(self, name: str) -> dict[str, Any] | None:
         """The remote folder's manifest, or None while it has none (an unfinished upload)
         or it is not a small regular JSON file."""
-        raw = self.manifest_bytes(name)
-        if raw is None:
-            return None
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError):
-            return None
-        return data if isinstance(data, dict) else None
+        return parse_json_object(self.manifest_bytes(name))
 
     def owner(self) -> str | None:
         """The run id in the mirror's marker, or None when it has none."""
         raw = self._read_small(self._path(C.MIRROR_MARKER_FILE), C.MAX_MANIFEST_BYTES)
-        try:
-            data = json.loads(raw) if raw is not None else None
-        except (ValueError, RecursionError):
-            data = None
-        run_id = data.get("run_id") if isinstance(data, dict) else None
+        run_id = (parse_json_object(raw) or {}).get("run_id")
         return run_id if isinstance(run_id, str) else None
 
     def claim(self, run_id: str) -> None:
         """Make this mirror run ``run_id``'s: write the marker if there is none; raise
         CheckpointError if it names another run (checked again after writing, so that of two
         runs starting at once on one mirror only one goes on believing it owns it)."""
-        owner = self.owner()
-        if owner is None:
+        if self.owner() is None:
             marker = self._path(C.MIRROR_MARKER_FILE)
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(marker, (json.dumps({"run_id": run_id}) + "\n").encode())
-            owner = self.owner()
-        if owner != run_id:
+        self.check_owner(run_id, missing_ok=False)
+
+    def check_owner(self, run_id: str | None, missing_ok: bool = True) -> None:
+        """Raise CheckpointError when the marker names a run other than ``run_id`` (or, without
+        ``missing_ok``, when there is none)."""
+        owner = self.owner()
+        if owner != run_id and not (missing_ok and owner is None):
             raise CheckpointError(
                 f"mirror_to {self.url} belongs to run {str(owner)[:8]} ({C.MIRROR_MARKER_FILE}); "
                 "each run needs its own mirror: set mirror_to to a new folder or bucket prefix"
@@ -228,7 +221,7 @@ class Remote:
 
     def download(self, name: str, staging: Path) -> Path:
         """Fetch ``name`` into ``staging/name`` (``staging`` must exist) and verify it; the
-        caller decides whether it goes into a run folder (:func:`stage`, :func:`commit`).
+        caller decides whether it goes into a run folder (:func:`commit`, :func:`discard`).
         Raises CheckpointError naming what is wrong with the copy."""
         final = staging / name
         if final.exists():
@@ -259,9 +252,10 @@ def readable_owners(url: str) -> dict[str | None, list[Path]]:
     return _readable(url, lambda remote: remote.owners())
 
 
-def readable_owner(url: str) -> str | None:
-    """The run id of the mirror's marker (as :func:`readable_owners`)."""
-    return _readable(url, lambda remote: remote.owner())
+def check_owner(url: str, run_id: str | None) -> None:
+    """:meth:`Remote.check_owner` (a mirror without a marker passes), with any storage
+    failure as one CheckpointError line (as :func:`readable_owners`)."""
+    _readable(url, lambda remote: remote.check_owner(run_id))
 
 
 def _readable(url: str, read: Any) -> Any:
@@ -316,7 +310,7 @@ def newest(
     remote = Remote(url)
     skipped = []
     for name in reversed(remote.names()):
-        if _step(name) <= above:
+        if checkpoint.step_of(Path(name)) <= above:
             break
         manifest = remote.manifest(name)
         if manifest is None:
@@ -360,10 +354,6 @@ def verify_remote(url: str) -> str | None:
     return None
 
 
-def _step(name: str) -> int:
-    return int(name.rsplit("-", 1)[1])
-
-
 @dataclass
 class Uploader:
     """Uploads committed checkpoints in one background thread; training never waits for it
@@ -390,7 +380,7 @@ class Uploader:
             folder, keep = job
             t0 = time.perf_counter()
             self._upload(folder)
-            self._rotate(keep, _step(folder.name))
+            self._rotate(keep, checkpoint.step_of(folder))
             self.seconds += time.perf_counter() - t0
 
     def _upload(self, folder: Path) -> None:
@@ -435,7 +425,10 @@ class Uploader:
                 if manifest is None:
                     doomed = name in self.started and name not in self.uploaded
                 else:
-                    doomed = manifest.get("run_id") == self.run_id and _step(name) < step
+                    doomed = (
+                        manifest.get("run_id") == self.run_id
+                        and checkpoint.step_of(Path(name)) < step
+                    )
                 if doomed:
                     self.remote.remove(name)
                     log.info("mirror: removed %s", self.remote.where(name))

@@ -158,6 +158,14 @@ def check_stage_folders(cfg: TrainingConfig) -> None:
             ) from None
 
 
+LENGTH_KEYS = ("num_train_epochs", "max_steps")
+
+
+def sets_length(overrides: list[str]) -> bool:
+    """Whether KEY=VALUE ``overrides`` set the run's length (see :func:`_keep_run_length`)."""
+    return any(o.partition("=")[0] in LENGTH_KEYS for o in overrides if "=" in o)
+
+
 def make_plan(
     cfg: TrainingConfig,
     *,
@@ -341,13 +349,7 @@ def _checkpoint_to_resume(
             if mirror_to:  # the mirror is the run's too: the same rule, and its marker
                 remote = mirror.readable_owners(mirror_to)
                 check_folder_owner(mirror_to, remote, [], ckpt_path, run_id, key="mirror_to")
-                marked = mirror.readable_owner(mirror_to)
-                if marked is not None and marked != run_id:
-                    raise CheckpointError(
-                        f"mirror_to {mirror_to} belongs to run {marked[:8]} "
-                        f"({C.MIRROR_MARKER_FILE}); each run needs its own mirror: set "
-                        "mirror_to to a new folder or bucket prefix"
-                    )
+                mirror.check_owner(mirror_to, run_id)
         except CheckpointError as exc:
             _refuse(refusals, exc)
     except BaseException:
@@ -419,9 +421,7 @@ def _keep_run_length(plan: RunPlan, payload: checkpoint.CheckpointPayload) -> No
     if plan.planned >= saved_end:
         return
     old = payload.training_args
-    cfg = plan.cfg.model_copy(
-        update={k: old[k] for k in ("num_train_epochs", "max_steps") if k in old}
-    )
+    cfg = plan.cfg.model_copy(update={k: old[k] for k in LENGTH_KEYS if k in old})
     planned = total_steps(
         len(plan.train_data), plan.global_batch, cfg.num_train_epochs, cfg.max_steps
     )

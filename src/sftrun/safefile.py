@@ -1,7 +1,8 @@
 """Reading a small file that anybody could have replaced: never through a symbolic link,
 never a FIFO or device (no hang, no endless read), never more than a size limit.
 
-Owns :func:`read_small` and :func:`read_json_object`, used for the run lock's info file, an
+Owns :func:`read_small` and :func:`read_json_object` (and its parser, also used for a remote
+mirror's files), used for the run lock's info file, an
 export's marker and a local mirror's manifests and marker. (Checkpoint files have their own
 reader in ``checkpoint``, which names what is wrong instead of returning None.)
 """
@@ -30,9 +31,9 @@ def read_small(path: str | Path, limit: int) -> bytes | None:
     return raw if len(raw) <= limit else None
 
 
-def read_json_object(path: str | Path, limit: int) -> dict[str, Any] | None:
-    """:func:`read_small` parsed as a JSON object; None when it is not one (or too deep)."""
-    raw = read_small(path, limit)
+def parse_json_object(raw: bytes | None) -> dict[str, Any] | None:
+    """``raw`` parsed as a JSON object; None when it is missing or not one (invalid, too deep,
+    a number too long, another type)."""
     if raw is None:
         return None
     try:
@@ -40,3 +41,8 @@ def read_json_object(path: str | Path, limit: int) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_json_object(path: str | Path, limit: int) -> dict[str, Any] | None:
+    """:func:`read_small` parsed as a JSON object (:func:`parse_json_object`)."""
+    return parse_json_object(read_small(path, limit))

@@ -50,7 +50,7 @@ from sftrun.monitor import (
     setup_logging,
     timestamp,
 )
-from sftrun.plan import RunPlan, make_plan, recheck_folder
+from sftrun.plan import RunPlan, make_plan, recheck_folder, sets_length
 from sftrun.resume import flatten
 from sftrun.sampler import step_indices
 from sftrun.trackers import Dashboards, Start
@@ -72,10 +72,6 @@ class RunOptions:
     settings_args: list[str] = field(default_factory=list)
     hooks: RunHooks = field(default_factory=RunHooks)
     trained: bool = False  # set once this run holds its folder and starts training
-
-    def sets(self, *keys: str) -> bool:
-        """Whether one of ``keys`` was given as KEY=VALUE on the command line."""
-        return any(a.partition("=")[0] in keys for a in self.settings_args if "=" in a)
 
     def resume_command(self, checkpoint_path: Path | None, world: int = 1, **changes: Any) -> str:
         """The command that resumes this run from ``checkpoint_path`` with its settings
@@ -183,7 +179,7 @@ def _run(cfg: TrainingConfig, opts: RunOptions, stamp: str, log_file: Path) -> R
         resume=opts.resume,
         no_unsloth=opts.no_unsloth,
         allow_data_change=opts.allow_data_change,
-        length_set=opts.sets("num_train_epochs", "max_steps"),
+        length_set=sets_length(opts.settings_args),
     )
     try:
         return _planned_run(plan, opts, stamp, log_file, started)
