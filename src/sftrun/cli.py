@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
     from sftrun.config import load_config
-    from sftrun.distributed import launched_rank
+    from sftrun.distributed import launched_rank, stop
     from sftrun.monitor import (
         close_logging,
         file_away_untrained,
@@ -108,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         to_log_file(logging.ERROR, "aborted by a second Ctrl-C")
         raise
     finally:
+        stop()  # the process group, before the interpreter tears down (see distributed.stop)
         close_logging()
         if opts is None or not opts.trained:
             file_away_untrained(log_file)

@@ -55,6 +55,20 @@ def start(timeout_s: int) -> Any:
         ) from None
 
 
+def stop() -> None:
+    """Release the process group while the interpreter is still whole.
+
+    A process that exits with the group alive leaves gloo's worker threads holding tensors
+    that are freed during interpreter teardown, which can abort the process (SIGABRT, seen
+    as a failed rank after a run that succeeded; pytorch/pytorch PR 179291). Local: no
+    collective, so a rank that stops early never waits for the others here.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     import torch.distributed as dist
 
