@@ -127,7 +127,7 @@ def full_head_loss(peft_model: Any) -> Any:
     import torch
 
     from sftrun.constants import IGNORE_INDEX
-    from sftrun.modeling import LabelOnlyLoss
+    from sftrun.loss import LabelOnlyLoss
 
     class FullHead(LabelOnlyLoss):
         def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:

@@ -202,7 +202,7 @@ def child_trl(
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sftrun.data import tokenize_file
+    from sftrun.encoding import tokenize_file
     from sftrun.modeling import load_tokenizer
     from sftrun.sampler import step_indices
 

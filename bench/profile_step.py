@@ -60,8 +60,9 @@ def build(
     import torch
 
     from sftrun.config import LoraSettings
-    from sftrun.data import collate, tokenize_file
-    from sftrun.modeling import LabelOnlyLoss, load_lora_model, load_tokenizer, select_backend
+    from sftrun.encoding import collate, tokenize_file
+    from sftrun.loss import LabelOnlyLoss
+    from sftrun.modeling import load_lora_model, load_tokenizer, select_backend
     from sftrun.sampler import step_indices
 
     torch.manual_seed(SEED)

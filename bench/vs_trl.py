@@ -169,7 +169,7 @@ def child_save(work: Path) -> dict[str, Any]:
     import torch
     from peft import get_peft_model_state_dict
 
-    from sftrun import checkpoint, rng
+    from sftrun import checkpoint, integrity, rng
     from sftrun.config import LoraSettings
     from sftrun.modeling import load_lora_model, select_backend, trainable_parameters
 
@@ -200,7 +200,7 @@ def child_save(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         path = checkpoint.save(work / "ckpts", step, payload)
         times.append(time.perf_counter() - t0)
-    return {"save_seconds": statistics.median(times), "save_bytes": checkpoint.dir_size(path)}
+    return {"save_seconds": statistics.median(times), "save_bytes": integrity.dir_size(path)}
 
 
 # --- the parent: runs children, prints the tables ------------------------------------------

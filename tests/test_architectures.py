@@ -17,7 +17,8 @@ from tests.conftest import FAMILIES, build_tiny_model, tiny_settings, write_conf
 from tests.runs import adapter, assert_same_tensors, run_sftrun
 
 from sftrun.config import LoraSettings
-from sftrun.modeling import LabelOnlyLoss, load_lora_model, select_backend
+from sftrun.loss import LabelOnlyLoss
+from sftrun.modeling import load_lora_model, select_backend
 
 OUT = Path("checkpoints/sft_model")
 ALL_LINEAR = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}

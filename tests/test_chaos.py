@@ -27,7 +27,7 @@ from tests.runs import (
     trainer_state,
 )
 
-from sftrun import checkpoint
+from sftrun import checkpoint, runfolder
 
 STEPS = 100
 KILLS = 22
@@ -60,7 +60,7 @@ def test_random_sigkills_never_lose_the_run(tmp_path: Path, tiny_model: Path, sa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SFTRUN_TEST_SLOW_SAVE": "0.02"}
     kills = during_save = 0
     while kills < KILLS:
-        resume = ["--resume", "latest"] if checkpoint.scan(out) else []
+        resume = ["--resume", "latest"] if runfolder.scan(out) else []
         logs_before = set((cwd / "outputs/logs").glob("*.log"))
         proc = subprocess.Popen(
             [sys.executable, str(HELPERS / "chaos.py"), "train", "-y", "--config", str(cfg)]
@@ -79,7 +79,7 @@ def test_random_sigkills_never_lose_the_run(tmp_path: Path, tiny_model: Path, sa
         proc.wait()
         kills += 1
         during_save += bool(checkpoint.temp_folders(out))
-        infos = checkpoint.scan(out)
+        infos = runfolder.scan(out)
         assert infos, "a kill after the first step must leave at least one checkpoint"
         assert all(info.valid for info in infos), [i.problem for i in infos if not i.valid]
 

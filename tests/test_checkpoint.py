@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -10,6 +11,7 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 from tests.conftest import main_in, tiny_settings, write_config
 from tests.runs import entries
 
-from sftrun import checkpoint
+from sftrun import checkpoint, fs, integrity, runfolder
 from sftrun import constants as C
 from sftrun.cli import main
 from sftrun.errors import CheckpointError, DiskSpaceError
@@ -127,7 +129,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(
 ) -> None:
     ckpt = run_copy / "checkpoint-9"
     damage(ckpt)
-    assert checkpoint.verify(ckpt) is not None
+    assert integrity.verify(ckpt) is not None
     code = main(
         ["train", "-y", "--config", "config.yaml", "--resume", "checkpoints/sft_model/checkpoint-9"]
     )
@@ -136,21 +138,21 @@ def test_damaged_checkpoint_is_refused_naming_the_file(
     assert err.count("\n") == 1 and err.startswith("error: cannot resume: ")
     assert len(re.findall(expected, err)) == 1
     assert "resume from checkpoints/sft_model/checkpoint-12 instead" in err
-    assert checkpoint.verify(run_copy / "checkpoint-6") is None  # others untouched
+    assert integrity.verify(run_copy / "checkpoint-6") is None  # others untouched
 
 
 def test_resume_latest_skips_a_damaged_newest_checkpoint(
     run_copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _flip_byte(run_copy / "checkpoint-12/optimizer.pt")
-    path, skipped = checkpoint.resolve("latest", run_copy)
+    path, skipped = runfolder.resolve("latest", run_copy)
     assert path == run_copy / "checkpoint-9"
     assert [s.path.name for s in skipped] == ["checkpoint-12"]
     assert main(["train", "-y", "--config", "config.yaml", "--resume", "latest"]) == 0
     out = capsys.readouterr().out
     assert "skipped      checkpoint-12:" in out and "optimizer.pt does not match" in out
     assert "moved checkpoint-12 into" in out  # the damaged folder is kept aside, not deleted
-    assert checkpoint.verify(run_copy / "checkpoint-12") is None  # re-made by the resume
+    assert integrity.verify(run_copy / "checkpoint-12") is None  # re-made by the resume
 
 
 def test_missing_checkpoint_lists_the_ones_that_exist(
@@ -178,7 +180,7 @@ def test_missing_checkpoint_lists_the_ones_that_exist(
 def test_resume_latest_with_nothing_to_resume(workdir: Path, tiny_config) -> None:
     tiny_config()
     with pytest.raises(CheckpointError, match="no complete checkpoint in .*start a new run"):
-        checkpoint.resolve("latest", workdir / "checkpoints/sft_model")
+        runfolder.resolve("latest", workdir / "checkpoints/sft_model")
 
 
 class Payload:
@@ -216,7 +218,7 @@ def test_leftover_temp_folder_is_removed_on_next_start(
     tmp = run_copy / ".tmp-checkpoint-15-999"
     tmp.mkdir()
     (tmp / "optimizer.pt").write_bytes(b"half")
-    assert checkpoint.resolve("latest", run_copy)[0].name == "checkpoint-12"
+    assert runfolder.resolve("latest", run_copy)[0].name == "checkpoint-12"
     assert (
         main(
             ["train", "-y", "--config", "config.yaml", "--resume", "latest", "num_train_epochs=2.5"]
@@ -242,7 +244,7 @@ def test_disk_full_during_save_keeps_earlier_checkpoints(
     assert "error: disk full while writing checkpoint-6" in err and err.count("\n") == 1
     out = workdir / "checkpoints/sft_model"
     assert entries(out) == ["checkpoint-3"]
-    assert checkpoint.verify(out / "checkpoint-3") is None
+    assert integrity.verify(out / "checkpoint-3") is None
 
 
 def test_refuses_to_start_without_room_for_two_checkpoints(
@@ -250,8 +252,8 @@ def test_refuses_to_start_without_room_for_two_checkpoints(
 ) -> None:
     cfg = tiny_config()
     usage = shutil.disk_usage(workdir)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
-    assert main(["train", "-y", "--config", str(cfg)]) == DiskSpaceError.exit_code
+    with fs.replaced(disk_usage=lambda p: usage._replace(free=10_000)):
+        assert main(["train", "-y", "--config", str(cfg)]) == DiskSpaceError.exit_code
     err = capsys.readouterr().err
     assert "not enough disk space" in err and "10.0 kB free, but two checkpoints need about" in err
     assert not (workdir / "checkpoints").exists()
@@ -281,7 +283,7 @@ def test_rotation_protects_newest_and_best_and_ignores_damaged(tmp_path: Path) -
     for step in (1, 2, 3, 4, 5):
         checkpoint.save(tmp_path, step, _tiny_payload(step))
     (tmp_path / "checkpoint-1/manifest.json").unlink()  # damaged: left for the user
-    removed = checkpoint.rotate(tmp_path, 2, protect={"checkpoint-2"}, run_id=None)
+    removed = runfolder.rotate(tmp_path, 2, protect={"checkpoint-2"}, run_id=None)
     assert sorted(p.name for p in removed) == ["checkpoint-3"]
     assert entries(tmp_path) == [
         "checkpoint-1",
@@ -291,10 +293,18 @@ def test_rotation_protects_newest_and_best_and_ignores_damaged(tmp_path: Path) -
     ]
 
 
-def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record each checkpoint file opened for reading (verification opens every file it hashes)."""
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    """Contexts a test enters midway (fs.replaced), left at its end."""
+    with contextlib.ExitStack() as entered:
+        yield entered
+
+
+def _count_hashing(stack: contextlib.ExitStack) -> list[str]:
+    """From now on, record each checkpoint file opened for reading (verification opens every
+    file it hashes), through the file-system seam."""
     opened: list[str] = []
-    real = os.open
+    real = fs.ops().open
     names = {*C.REQUIRED_CHECKPOINT_FILES}
 
     def counting(path, flags, *args, **kwargs):
@@ -303,23 +313,23 @@ def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             opened.append(f"{p.parent.name}/{p.name}")
         return real(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "open", counting)
+    stack.enter_context(fs.replaced(open=counting))
     return opened
 
 
 def test_rotation_after_a_save_does_not_rehash_what_this_process_wrote(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
     for step in (1, 2, 3, 4):
         checkpoint.save(tmp_path, step, _tiny_payload(step))
-    hashed = _count_hashing(monkeypatch)
-    removed = checkpoint.rotate(tmp_path, 2, protect=set(), run_id=None)
+    hashed = _count_hashing(stack)
+    removed = runfolder.rotate(tmp_path, 2, protect=set(), run_id=None)
     assert [p.name for p in removed] == ["checkpoint-1", "checkpoint-2"]
     assert hashed == []
 
 
 def test_rotation_rehashes_a_folder_changed_since_it_was_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, _tiny_payload(step))
@@ -328,8 +338,8 @@ def test_rotation_rehashes_a_folder_changed_since_it_was_written(
     data[-1] ^= 0xFF  # same size, new content and mtime
     time.sleep(0.01)
     weights.write_bytes(bytes(data))
-    hashed = _count_hashing(monkeypatch)
-    removed = checkpoint.rotate(tmp_path, 1, protect=set(), run_id=None)
+    hashed = _count_hashing(stack)
+    removed = runfolder.rotate(tmp_path, 1, protect=set(), run_id=None)
     # checkpoint-3 is damaged, so checkpoint-2 is the newest intact one and stays.
     assert [p.name for p in removed] == ["checkpoint-1"]
     assert any(h.startswith("checkpoint-3/") for h in hashed)
@@ -338,13 +348,13 @@ def test_rotation_rehashes_a_folder_changed_since_it_was_written(
 
 
 def test_rotation_under_the_limit_opens_no_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stack: contextlib.ExitStack
 ) -> None:
     for step in (1, 2):
         checkpoint.save(tmp_path, step, _tiny_payload(step))
-    checkpoint._known_intact.clear()  # as in a new process
-    hashed = _count_hashing(monkeypatch)
-    assert checkpoint.rotate(tmp_path, 2, protect=set(), run_id=None) == []
+    integrity.forget_known_intact()  # as in a new process
+    hashed = _count_hashing(stack)
+    assert runfolder.rotate(tmp_path, 2, protect=set(), run_id=None) == []
     assert hashed == []
 
 
@@ -352,14 +362,14 @@ def test_saving_an_existing_step_moves_the_old_one_aside(tmp_path: Path) -> None
     first = checkpoint.save(tmp_path, 7, _tiny_payload(7))
     checkpoint.save(tmp_path, 7, _tiny_payload(7, value=8.0))
     aside = list(tmp_path.glob("superseded-*/checkpoint-7"))
-    assert len(aside) == 1 and checkpoint.verify(aside[0]) is None
+    assert len(aside) == 1 and integrity.verify(aside[0]) is None
     assert checkpoint.load(first)[0].adapter_state["w"][0] == 8.0
 
 
 def test_resume_latest_opens_no_checkpoint_older_than_the_one_it_takes(
-    run_copy: Path, monkeypatch: pytest.MonkeyPatch
+    run_copy: Path, stack: contextlib.ExitStack
 ) -> None:
-    opened = _count_hashing(monkeypatch)
+    opened = _count_hashing(stack)
     assert (
         main(["train", "-y", "--config", "config.yaml", "--resume", "latest", "max_steps=13"]) == 0
     )

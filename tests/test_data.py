@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftrun.constants import IGNORE_INDEX
-from sftrun.data import collate, read_conversations, tokenize_file
+from sftrun.data import read_conversations
+from sftrun.encoding import collate, tokenize_file
 from sftrun.errors import DataError
 
 MESSAGES = [

@@ -26,7 +26,7 @@ from tests.runs import (
     trainer_state,
 )
 
-from sftrun import checkpoint
+from sftrun import checkpoint, integrity, runfolder
 from sftrun.distributed import micro_batches, rank_seed
 from sftrun.sampler import step_indices
 
@@ -132,7 +132,7 @@ def test_two_processes_write_one_checkpoint_per_step_with_every_rank_state(
         "checkpoint-6",
         "checkpoint-9",
     ]
-    assert all(info.valid for info in checkpoint.scan(out))
+    assert all(info.valid for info in runfolder.scan(out))
     payload, _ = checkpoint.load(out / "checkpoint-6")
     assert payload.training_args["world_size"] == 2
     assert len(payload.rng_state["ranks"]) == 2
@@ -149,7 +149,7 @@ def test_sigkill_of_the_job_then_resume_on_two_is_bit_exact(
     write_config(tmp_path / "config.yaml", tiny_settings(tiny_model, sample_dir, eval_file=None))
     killed = _torchrun(tmp_path, TWO, env={"SFTRUN_TEST_KILL_AFTER_STEP": "6"})
     assert killed.returncode != 0
-    assert checkpoint.resolve("latest", tmp_path / OUT)[0].name == "checkpoint-6"
+    assert runfolder.resolve("latest", tmp_path / OUT)[0].name == "checkpoint-6"
     resumed = _torchrun(tmp_path, [*TWO, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref, got = two_process_run / OUT / "checkpoint-12", tmp_path / OUT / "checkpoint-12"
@@ -178,7 +178,7 @@ def test_resume_on_another_process_count_continues_at_the_exact_sample(
     else:
         first = _single(tmp_path, ONE, env=kill)
         second = _torchrun(tmp_path, [*TWO, "--resume", "latest"], env=log)
-    assert first.returncode != 0 and checkpoint.verify(tmp_path / OUT / "checkpoint-6") is None
+    assert first.returncode != 0 and integrity.verify(tmp_path / OUT / "checkpoint-6") is None
     assert second.returncode == 0, second.stderr[-3000:]
     assert "random states are re-derived per process" in second.stdout
     assert _samples(tmp_path / "samples.log") == _samples(ref_run / "samples.log")
@@ -212,7 +212,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(
     assert proc.returncode != 0  # torchrun reports the workers' exit 143
     assert proc.stderr.count(f"exitcode  : {128 + signal.SIGTERM}") in (0, 1, 2)
     names = entries(tmp_path / OUT)
-    assert names == ["checkpoint-5"] and checkpoint.verify(tmp_path / OUT / "checkpoint-5") is None
+    assert names == ["checkpoint-5"] and integrity.verify(tmp_path / OUT / "checkpoint-5") is None
     resumed = _torchrun(tmp_path, [*TWO, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert trainer_state(tmp_path / OUT / "checkpoint-12")["resumed_from"] == [5]
@@ -259,10 +259,10 @@ def test_a_process_killed_during_a_save_never_leaves_an_invalid_checkpoint(
     proc = _torchrun(tmp_path, TWO, env=env)
     assert proc.returncode != 0
     out = tmp_path / OUT
-    assert all(info.valid for info in checkpoint.scan(out)), checkpoint.scan(out)
+    assert all(info.valid for info in runfolder.scan(out)), runfolder.scan(out)
     resumed = _torchrun(tmp_path, [*TWO, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoint.verify(out / "checkpoint-12") is None
+    assert integrity.verify(out / "checkpoint-12") is None
 
 
 @pytest.mark.slow
@@ -309,7 +309,7 @@ def test_fsdp_in_one_process_trains_as_usual_and_says_so(
     proc = _single(tmp_path, ["parallel=fsdp", "max_steps=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parallel: fsdp in one process: nothing to shard, trained as usual" in proc.stdout
-    assert checkpoint.verify(tmp_path / OUT / "checkpoint-1") is None
+    assert integrity.verify(tmp_path / OUT / "checkpoint-1") is None
 
 
 def test_fsdp_refuses_a_model_without_named_decoder_layers() -> None:

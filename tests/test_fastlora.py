@@ -12,7 +12,8 @@ from torch import nn
 
 from sftrun.config import LoraSettings
 from sftrun.fastlora import SPARSE_MAX_P, SparseDropout, dropped_positions
-from sftrun.modeling import LabelOnlyLoss, load_lora_model, lora_config, select_backend
+from sftrun.loss import LabelOnlyLoss
+from sftrun.modeling import load_lora_model, lora_config, select_backend
 
 
 def _dropped(n: int, p: float, seed: int) -> torch.Tensor:

@@ -17,13 +17,8 @@ from transformers import AutoTokenizer
 
 from sftrun.cli import main
 from sftrun.constants import IGNORE_INDEX
-from sftrun.data import (
-    data_fingerprint,
-    file_sha256,
-    read_conversations,
-    tokenize_file,
-    validate_file,
-)
+from sftrun.data import read_conversations, validate_file
+from sftrun.encoding import data_fingerprint, file_sha256, tokenize_file
 from sftrun.errors import DataError
 
 RENDER = {"max_seq_length": 160, "overlong": "truncate", "train_on": "assistant"}
@@ -108,7 +103,8 @@ def test_a_list_of_files_reads_them_in_order(sample_as: dict[str, Path], tokeniz
 
 
 def test_conversational_prompt_completion_learns_only_the_completion(tokenizer) -> None:
-    from sftrun.data import encode, normalise
+    from sftrun.data import normalise
+    from sftrun.encoding import encode
 
     turns = [
         {"role": "user", "content": "Say hi."},
@@ -130,7 +126,8 @@ def test_conversational_prompt_completion_learns_only_the_completion(tokenizer) 
 
 
 def test_plain_prompt_completion_and_text_learn_their_text_and_the_end(tokenizer) -> None:
-    from sftrun.data import encode, normalise
+    from sftrun.data import normalise
+    from sftrun.encoding import encode
 
     eos = tokenizer.eos_token_id
     pc = normalise({"prompt": "Capital of France:", "completion": " Paris"}, "x:1")

@@ -28,7 +28,7 @@ from tests.runs import (
     tree,
 )
 
-from sftrun import checkpoint
+from sftrun import checkpoint, fs, integrity, runfolder
 from sftrun.cli import main
 
 OUT = Path("checkpoints/sft_model")
@@ -102,8 +102,8 @@ def test_prune_and_rotation_never_follow_a_symlinked_checkpoint(
     assert "checkpoint-1: " in out and "symbolic link" in out
     assert entries(run) == ["checkpoint-1", "checkpoint-12"]
     assert tree(elsewhere) == outside
-    run_id = checkpoint.run_id_of(run / "checkpoint-12")
-    assert checkpoint.rotate(run, 1, set(), run_id) == []  # the link is never a candidate
+    run_id = integrity.run_id_of(run / "checkpoint-12")
+    assert runfolder.rotate(run, 1, set(), run_id) == []  # the link is never a candidate
     assert tree(elsewhere) == outside
 
 
@@ -203,9 +203,9 @@ def test_a_moved_run_keeps_its_best_checkpoint(run: Path, workdir: Path, capsys)
 
 def test_a_copy_named_for_another_step_is_not_a_checkpoint(run: Path, capsys) -> None:
     shutil.copytree(run / "checkpoint-3", run / "checkpoint-99")
-    problem = checkpoint.verify(run / "checkpoint-99")
+    problem = integrity.verify(run / "checkpoint-99")
     assert problem is not None and "the manifest is for step 3, not 99" in problem
-    assert checkpoint.resolve("latest", run)[0].name == "checkpoint-12"
+    assert runfolder.resolve("latest", run)[0].name == "checkpoint-12"
 
 
 # --- 3. manifests and state files are validated, never trusted -------------------------------
@@ -270,7 +270,7 @@ def test_a_lying_checkpoint_is_invalid_and_no_tool_crashes_or_hangs(
         data = safetensors.torch.save(tensors, metadata={"format": "pt"})
         (ckpt / "adapter_model.safetensors").write_bytes(data)
         _rewrite_manifest(ckpt, lambda m: m["files"].update({C_ADAPTER: _entry(data)}))
-    problem = checkpoint.verify(ckpt)
+    problem = integrity.verify(ckpt)
     assert problem is not None and reason in problem
     assert "top secret" not in problem and str(len(secret.read_bytes())) not in problem
 
@@ -282,7 +282,7 @@ def test_a_lying_checkpoint_is_invalid_and_no_tool_crashes_or_hangs(
         results["list_json"] = cli(capsys, "ckpt", "list", str(run), "--json")
         results["verify"] = cli(capsys, "ckpt", "verify", str(ckpt))
         results["inspect"] = cli(capsys, "ckpt", "inspect", str(ckpt), "--config", "config.yaml")
-        results["latest"] = checkpoint.resolve("latest", run)
+        results["latest"] = runfolder.resolve("latest", run)
 
     worker = threading.Thread(target=tools, daemon=True)
     worker.start()
@@ -319,7 +319,7 @@ def test_divergence_stops_naming_the_step_and_the_last_good_checkpoint(
     assert code == 7
     one_line_error(err)
     assert "training diverged at step " in err and "nothing from this step was applied" in err
-    saved = checkpoint.scan(OUT)
+    saved = runfolder.scan(OUT)
     assert all(info.valid for info in saved)  # nothing non-finite was committed
     if saved:
         assert f"the last good checkpoint is {saved[-1].path}" in err
@@ -455,14 +455,13 @@ def test_a_bom_in_data_is_accepted_and_validate_agrees_with_train(
 
 
 def test_disk_full_while_caching_data_is_one_line(tiny_config, workdir, capsys, monkeypatch):
-    import safetensors.torch
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
     tiny_config()
-    code, _, err = train(capsys)
+    with fs.replaced(save_tensors=full):
+        code, _, err = train(capsys)
     assert code == 6 and "disk full while writing the tokenized data cache" in one_line_error(err)
     assert not list((workdir / "outputs/1_data").glob("cache/*.tmp*"))
 
@@ -477,7 +476,7 @@ def test_sighup_saves_a_checkpoint_like_sigterm(workdir: Path, tiny_config) -> N
         script="chaos.py",
     )
     assert proc.returncode == 128 + 1, proc.stderr
-    assert checkpoint.verify(workdir / OUT / "checkpoint-5") is None
+    assert integrity.verify(workdir / OUT / "checkpoint-5") is None
     # The printed command repeats the run's settings, so it resumes as started.
     command = f"--resume {OUT}/checkpoint-5 -y --config {cfg} learning_rate=1e-3"
     assert command in proc.stdout
@@ -589,14 +588,13 @@ def test_prune_pointed_at_the_wrong_folder_deletes_nothing(
 def test_an_unwritable_output_dir_is_found_before_training(
     tiny_config, workdir: Path, capsys, monkeypatch
 ) -> None:
-    import tempfile
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
     tiny_config()
-    code, _, err = train(capsys)
+    with fs.replaced(mkstemp=denied):
+        code, _, err = train(capsys)
     assert code == 2
     assert "output_dir checkpoints/sft_model: cannot write in ." in one_line_error(err)
     assert "set output_dir to a writable folder" in err

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tests.runs import changed, cli, one_line_error, tree
 
-from sftrun import checkpoint
 from sftrun import constants as C
+from sftrun import fs, integrity
 
 OUT = Path("checkpoints/sft_model")
 BIG = "x" * ((16 << 20) + 10)  # one cell just over the 16 MiB record limit
@@ -204,7 +204,7 @@ def test_deep_json_in_a_checkpoint_is_invalid_not_a_traceback(run: Path, capsys,
         manifest["files"][name] = {"size": len(deep), "sha256": hashlib.sha256(deep).hexdigest()}
         (ckpt / C.MANIFEST_FILE).write_text(json.dumps(manifest))
     (ckpt / name).write_bytes(deep)
-    problem = checkpoint.verify(ckpt)
+    problem = integrity.verify(ckpt)
     assert problem is not None and ("damaged" in problem or "malformed" in problem)
     code, out, _ = cli(capsys, "ckpt", "list", str(run))
     assert code == 0 and "INVALID" in out
@@ -216,9 +216,9 @@ def test_rotation_that_cannot_delete_warns_once_and_training_goes_on(
     def denied(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(shutil, "rmtree", denied)
     tiny_config(eval_file=None, save_total_limit=1)
-    code, out, _ = train(capsys)
+    with fs.replaced(rmtree=denied):
+        code, out, _ = train(capsys)
     assert code == 0
     assert out.count("could not delete") == 1
     assert "training goes on and keeps the extra checkpoints" in out

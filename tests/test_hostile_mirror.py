@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import tiny_settings, write_config
 from tests.runs import adapter, assert_same_tensors, changed, cli, one_line_error, tree
 
-from sftrun import checkpoint, mirror
 from sftrun import constants as C
+from sftrun import integrity, mirror, runfolder
 from sftrun.errors import CheckpointError
 
 OUT = Path("checkpoints/sft_model")
@@ -166,7 +166,7 @@ def test_an_upload_into_a_mirror_claimed_by_another_run_fails_and_says_so(
     remote_dir = tmp_path / "mirror"
     remote_dir.mkdir()
     (remote_dir / C.MIRROR_MARKER_FILE).write_text(json.dumps({"run_id": "b" * 32}))
-    run_id = checkpoint.run_id_of(run / "checkpoint-12")
+    run_id = integrity.run_id_of(run / "checkpoint-12")
     assert run_id is not None
     up = mirror.Uploader(mirror.Remote(str(remote_dir)), run_id)
     up.submit(run / "checkpoint-12", ["checkpoint-12"])
@@ -179,7 +179,7 @@ def test_uploaded_is_said_only_after_the_manifest_was_read_back(
     run: Path, tmp_path: Path, caplog
 ) -> None:
     remote_dir = tmp_path / "mirror"
-    run_id = checkpoint.run_id_of(run / "checkpoint-12")
+    run_id = integrity.run_id_of(run / "checkpoint-12")
     assert run_id is not None
     remote = mirror.Remote(str(remote_dir))
     real_put = remote.fs.put_file
@@ -212,7 +212,7 @@ def test_resume_from_another_runs_mirror_is_refused_and_changes_nothing(
     assert "belongs to run" in one_line_error(err)
     assert changed(before, tree(workdir), ignore=("outputs/logs",)) == set()
     # The run can still resume its own checkpoints.
-    assert checkpoint.resolve("latest", OUT)[0] == OUT / "checkpoint-12"
+    assert runfolder.resolve("latest", OUT)[0] == OUT / "checkpoint-12"
 
 
 def test_a_cancelled_resume_from_a_mirror_leaves_no_download_behind(
@@ -302,7 +302,7 @@ def test_prune_refuses_a_folder_holding_two_runs(run: Path, workdir: Path, capsy
     }
     manifest["step"], manifest["run_id"] = 15, "d" * 32
     (foreign / C.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    assert checkpoint.verify(foreign) is None
+    assert integrity.verify(foreign) is None
     before = tree(workdir)
     code, _, err = cli(capsys, "ckpt", "prune", str(run), "--keep", "1")
     assert code == 4

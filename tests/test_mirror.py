@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import main_in, tiny_settings, write_config
 from tests.runs import adapter, assert_same_tensors, run_sftrun, trainer_state
 
-from sftrun import checkpoint
+from sftrun import integrity
 from sftrun.cli import main
 
 OUT = Path("checkpoints/sft_model")
@@ -98,7 +98,7 @@ def test_every_checkpoint_reaches_the_mirror_manifest_last(
     shutil.rmtree("checkpoints")
     assert main(["train", "-y", "--config", "config.yaml", "--resume", "auto"]) == 0
     assert "run complete at step 12 (checkpoint-12)" in capsys.readouterr().out
-    assert checkpoint.verify(OUT / "checkpoint-12") is None
+    assert integrity.verify(OUT / "checkpoint-12") is None
 
 
 @pytest.mark.slow
@@ -182,7 +182,7 @@ def test_a_mirror_that_goes_away_during_training_only_logs_and_retries(
     out = capsys.readouterr().out
     assert "mirror: upload of checkpoint-3 failed (attempt 3 of 3)" in out
     assert "FAILED checkpoint-3 (the local copies are intact)" in out
-    assert checkpoint.verify(OUT / "checkpoint-3") is None
+    assert integrity.verify(OUT / "checkpoint-3") is None
 
 
 def test_an_unreachable_mirror_at_start_is_one_line(tiny_config, workdir: Path, capsys) -> None:

@@ -15,7 +15,8 @@ from sftrun import constants as C
 from sftrun.cli import main
 from sftrun.config import LoraSettings
 from sftrun.errors import ModelError
-from sftrun.modeling import LabelOnlyLoss, load_lora_model, select_backend
+from sftrun.loss import LabelOnlyLoss
+from sftrun.modeling import load_lora_model, select_backend
 
 
 def _stock_and_own_logits(base_dir: Path, ckpt: Path, lora: LoraSettings, ids: torch.Tensor):

@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import main_in, tiny_settings, write_config
 from tests.runs import HELPERS, adapter, assert_same_tensors, entries, run_sftrun
 
-from sftrun import checkpoint, runlock
 from sftrun import constants as C
+from sftrun import runfolder, runlock
 from sftrun.cli import main
 from sftrun.errors import FolderInUseError
 
@@ -80,7 +80,7 @@ def test_a_retry_loop_with_sigkills_finishes_from_nothing_bit_exactly(
         if proc.returncode == 0:
             break
     assert codes[-1] == 0 and -signal.SIGKILL in codes, codes
-    assert all(info.valid for info in checkpoint.scan(tmp_path / OUT))
+    assert all(info.valid for info in runfolder.scan(tmp_path / OUT))
     assert_same_tensors(
         adapter(reference / "checkpoint-12"), adapter(tmp_path / OUT / "checkpoint-12")
     )

@@ -12,7 +12,7 @@ from tests.runs import adapter, assert_same_tensors, run_sftrun, trainer_state
 
 from sftrun.cli import main
 from sftrun.hooks import RunHooks
-from sftrun.modeling import LabelOnlyLoss
+from sftrun.loss import LabelOnlyLoss
 
 OUT = Path("checkpoints/sft_model")
 

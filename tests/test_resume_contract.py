@@ -22,7 +22,7 @@ from tests.runs import (
     trainer_state,
 )
 
-from sftrun import checkpoint
+from sftrun import integrity
 from sftrun.cli import main
 from sftrun.hooks import RunHooks
 from sftrun.schedule import build_schedule
@@ -68,7 +68,7 @@ def test_identity_change_is_refused_naming_every_setting(
         assert part in err
     # max_seq_length is a rendering setting: named once, not also as changed data.
     assert "training data" not in err
-    assert checkpoint.verify(run_to_6) is None
+    assert integrity.verify(run_to_6) is None
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_resume_from_an_older_checkpoint_moves_newer_ones_aside(
     assert "checkpoint-9, checkpoint-12 are newer than the resume step" in out
     aside = sorted(p.name for p in OUT.glob("superseded-*/*"))
     assert aside == ["checkpoint-12", "checkpoint-9"]
-    assert all(checkpoint.verify(p) is None for p in OUT.glob("superseded-*/*"))
+    assert all(integrity.verify(p) is None for p in OUT.glob("superseded-*/*"))
 
 
 def test_a_finished_run_is_success_and_a_shorter_one_an_error(
@@ -266,7 +266,7 @@ def test_second_sigint_aborts_at_once(tmp_path: Path, tiny_model: Path, sample_d
     assert "aborted: the last committed checkpoint is intact" in proc.stderr
     out = tmp_path / OUT
     assert entries(out) == ["checkpoint-3"]
-    assert checkpoint.verify(out / "checkpoint-3") is None
+    assert integrity.verify(out / "checkpoint-3") is None
 
 
 def test_without_a_terminal_and_without_yes_it_exits_instead_of_hanging(
@@ -345,7 +345,7 @@ def test_out_of_memory_says_how_to_resume(
         "global batch 4, so `--resume latest` continues at the exact data position); the last "
         "committed checkpoint is intact\n"
     )
-    assert checkpoint.verify(OUT / "checkpoint-3") is None
+    assert integrity.verify(OUT / "checkpoint-3") is None
 
 
 def test_best_checkpoint_is_tracked_and_survives_rotation(tiny_config, monkeypatch) -> None:

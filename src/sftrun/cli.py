@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftrun import constants as C
+from sftrun.cli_ckpt import HELP, add_ckpt_parsers, config_args, sub_parser
 from sftrun.errors import SftrunError
 from sftrun.hooks import RunHooks
 
@@ -47,6 +48,8 @@ def _settings_args(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``sftrun train`` (and ``run_model_training.py``): one run, its log file from the first
+    instant, and its last line (done, stopped by a signal, complete or cancelled)."""
     import logging
 
     from sftrun.config import load_config
@@ -115,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
+    """``sftrun model prepare``: the bundled GGUF model as a Hugging Face folder, checked."""
     from sftrun.modeling import prepare_default_model
 
     report = prepare_default_model(args.out, force=args.force)
@@ -126,6 +130,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_sample(args: argparse.Namespace) -> int:
+    """``sftrun data sample``: write the sample task's training and held-out files."""
     from sftrun.sample_task import write_sample_data
 
     train, held_out = write_sample_data(args.out, args.train, args.eval, args.seed)
@@ -134,6 +139,7 @@ def cmd_data_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
+    """``sftrun data validate``: every bad record of each file named; exit 1 if any."""
     from sftrun.data import format_counts, validate_file
 
     bad = 0
@@ -151,134 +157,8 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="override config keys, e.g. learning_rate=1e-4 lora.r=8",
-    )
-
-
-def _output_dir(args: argparse.Namespace) -> str:
-    if args.dir and "://" in str(args.dir):
-        return str(args.dir)  # a mirror (list and verify read it; nothing writes there)
-    if args.dir:
-        if not os.path.isdir(args.dir):
-            hint = (
-                "; this command takes a folder, not KEY=VALUE (use --config to pick the config)"
-                if "=" in str(args.dir)
-                else ""
-            )
-            raise SftrunError(f"{args.dir} is not a folder{hint}")
-        return str(args.dir)
-    from sftrun.config import load_config
-
-    path = args.config if os.path.exists(args.config) else None
-    return load_config(path).output_dir
-
-
-def cmd_ckpt_list(args: argparse.Namespace) -> int:
-    import json
-
-    from sftrun.inventory import list_rows, render_table, rows_as_dicts
-
-    out = _output_dir(args)
-    if "://" in out:
-        from sftrun.inventory import render_remote
-
-        print(render_remote(out))
-        return 0
-    rows = list_rows(out)
-    if args.json:
-        print(json.dumps(rows_as_dicts(rows), indent=2))
-    else:
-        print(render_table(rows, out))
-    return 0
-
-
-def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
-    from sftrun import checkpoint
-    from sftrun.config import load_config
-    from sftrun.inventory import render_inspect, render_preview
-    from sftrun.plan import make_plan, sets_length
-
-    path = Path(args.checkpoint)
-    problem = checkpoint.verify(path)
-    print(render_inspect(path, problem, checkpoint.peek(path)))
-    if problem is not None:
-        return 1
-    cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
-    plan = make_plan(
-        cfg,
-        resume=str(path),
-        allow_data_change=args.allow_data_change,
-        preview=True,
-        length_set=sets_length(args.overrides),
-    )
-    print(render_preview(plan, args.config))
-    return 0
-
-
-def cmd_ckpt_verify(args: argparse.Namespace) -> int:
-    from sftrun import checkpoint
-
-    paths: list[Path | str]  # a str is a copy on a mirror
-    if args.all or not args.checkpoints:
-        paths = [i.path for i in checkpoint.scan(_output_dir(args))]
-    else:
-        paths = [Path(p) if "://" not in p else p for p in args.checkpoints]
-    if not paths:
-        print("no checkpoints to verify", file=sys.stderr)
-        return 1
-    failed = 0
-    for path in paths:
-        if isinstance(path, str):  # a copy on a mirror: downloaded to a temporary folder
-            from sftrun.mirror import verify_remote
-
-            problem = verify_remote(path)
-            failed += problem is not None
-            print(f"OK      {path}" if problem is None else f"FAILED  {problem}")
-            continue
-        problem = checkpoint.verify(path)
-        failed += problem is not None
-        print(f"OK      {path}" if problem is None else f"FAILED  {problem}")
-        if problem is not None and "is a file" in problem:
-            print(f"        (pass the checkpoint folder, e.g. {path.parent})")
-    return 1 if failed else 0
-
-
-def cmd_ckpt_prune(args: argparse.Namespace) -> int:
-    from sftrun.inventory import prune
-    from sftrun.monitor import fmt_bytes
-
-    if args.keep < 1:
-        raise SftrunError(
-            f"--keep {args.keep}: prune always keeps the newest valid checkpoint; pass --keep 1 "
-            "or more (delete the whole folder yourself to remove a run)"
-        )
-    from sftrun import checkpoint, runlock
-
-    folder = Path(_output_dir(args))
-    # Only a folder that holds checkpoints is locked (nothing is created anywhere else).
-    lock = runlock.acquire(folder) if checkpoint.names(folder) else None
-    try:
-        result = prune(folder, args.keep, args.keep_best)
-    finally:
-        if lock is not None:
-            lock.release()
-    for path, size in result.removed:
-        print(f"deleted {path} ({fmt_bytes(size)})")
-    total = sum(size for _, size in result.removed)
-    kept = ", ".join(p.name for p in result.kept) or "none"
-    print(f"freed {fmt_bytes(total)}; kept {len(result.kept)}: {kept}")
-    for path, why in result.left:
-        print(f"left    {path.name}: {why}")
-    return 0
-
-
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """``sftrun data prepare``: stage 1 alone (validate, tokenize, cache, statistics)."""
     from sftrun import constants as C
     from sftrun.config import load_config
     from sftrun.datastage import prepare_data
@@ -300,6 +180,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """``sftrun eval``: stage 4, held-out accuracy of a checkpoint against its base model."""
     from sftrun.config import load_config
     from sftrun.report import run_eval
 
@@ -320,6 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """``sftrun merge``: stage 5, the adapter merged into a full Hugging Face model folder."""
     from sftrun.export import default_export_dir, merge
 
     out = args.out or default_export_dir(args.checkpoint)
@@ -334,6 +216,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """``sftrun chat``: one prompt, or a conversation, with a checkpoint's model."""
     from sftrun.export import chat, load_adapter_model
 
     loaded = load_adapter_model(args.checkpoint, args.base)
@@ -343,17 +226,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-HELP = argparse.ArgumentDefaultsHelpFormatter
-
-
-def _sub(parent: Any, name: str, text: str) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = parent.add_parser(
-        name, help=text, description=text, formatter_class=HELP
-    )
-    return parser
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The train command's options (also those of ``run_model_training.py``)."""
     p.add_argument("-y", "--yes", action="store_true", help="start without the confirmation prompt")
     p.add_argument(
         "--resume",
@@ -368,62 +242,30 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="resume even though the training data differs from the checkpoint's",
     )
-    _config_args(p)
+    config_args(p)
     p.set_defaults(func=cmd_train, interrupted="aborted: the last committed checkpoint is intact")
-
-
-def _dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", nargs="?", help="checkpoint folder (default: output_dir of --config)")
-    p.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config for output_dir")
 
 
 def _data_parsers(sub: Any) -> None:
     data = sub.add_parser("data", help="data tools").add_subparsers(
         dest="data_command", required=True
     )
-    sample = _sub(data, "sample", "write the bundled sample task's data")
+    sample = sub_parser(data, "sample", "write the bundled sample task's data")
     sample.add_argument("--out", default="data/sample", help="destination folder")
     sample.add_argument("--train", type=int, default=320, help="training examples")
     sample.add_argument("--eval", type=int, default=40, help="held-out examples")
     sample.add_argument("--seed", type=int, default=1234, help="seed of the generator")
     sample.set_defaults(func=cmd_data_sample)
-    validate = _sub(data, "validate", "check data files and name every bad line")
+    validate = sub_parser(data, "validate", "check data files and name every bad line")
     validate.add_argument("files", nargs="+", help="JSONL or JSON data files")
     validate.set_defaults(func=cmd_data_validate)
-    prepare = _sub(data, "prepare", "validate and tokenize the configured data")
-    _config_args(prepare)
+    prepare = sub_parser(data, "prepare", "validate and tokenize the configured data")
+    config_args(prepare)
     prepare.set_defaults(func=cmd_data_prepare)
 
 
-def _ckpt_parsers(sub: Any) -> None:
-    ckpt = sub.add_parser("ckpt", help="checkpoint tools").add_subparsers(
-        dest="ckpt_command", required=True
-    )
-    lst = _sub(ckpt, "list", "table of every checkpoint")
-    _dir_arg(lst)
-    lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.set_defaults(func=cmd_ckpt_list)
-    inspect = _sub(ckpt, "inspect", "one checkpoint, and a dry run of resuming it")
-    inspect.add_argument("checkpoint", help="checkpoint folder")
-    inspect.add_argument(
-        "--allow-data-change", action="store_true", help="as train's flag, for the dry run"
-    )
-    _config_args(inspect)
-    inspect.set_defaults(func=cmd_ckpt_inspect)
-    verify = _sub(ckpt, "verify", "check files against the manifest (exit 0/1)")
-    verify.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: --all)")
-    verify.add_argument("--all", action="store_true", help="every checkpoint in output_dir")
-    verify.add_argument("--dir", help="checkpoint folder for --all (default: output_dir)")
-    verify.add_argument("--config", default=C.DEFAULT_CONFIG_PATH, help="YAML config")
-    verify.set_defaults(func=cmd_ckpt_verify)
-    prune = _sub(ckpt, "prune", "delete older checkpoints (never the newest)")
-    _dir_arg(prune)
-    prune.add_argument("--keep", type=int, required=True, help="how many newest to keep (>= 1)")
-    prune.add_argument("--keep-best", action="store_true", help="also keep the best one")
-    prune.set_defaults(func=cmd_ckpt_prune)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (``sftrun --help``)."""
     parser = argparse.ArgumentParser(
         prog="sftrun",
         description="LoRA supervised fine-tuning with crash-safe checkpoints and exact resume.",
@@ -432,27 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(interrupted="interrupted")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    add_train_arguments(_sub(sub, "train", "train or resume a LoRA adapter"))
+    add_train_arguments(sub_parser(sub, "train", "train or resume a LoRA adapter"))
 
     model = sub.add_parser("model", help="base model tools").add_subparsers(
         dest="model_command", required=True
     )
-    prep = _sub(model, "prepare", "build the bundled SmolLM2-135M-Instruct folder")
+    prep = sub_parser(model, "prepare", "build the bundled SmolLM2-135M-Instruct folder")
     prep.add_argument("--out", default=C.DEFAULT_MODEL_DIR, help="destination folder")
     prep.add_argument("--force", action="store_true", help="rebuild an existing folder")
     prep.set_defaults(func=cmd_model_prepare)
 
     _data_parsers(sub)
-    _ckpt_parsers(sub)
-    ev = _sub(sub, "eval", "held-out loss, perplexity, accuracy, report and plots")
+    add_ckpt_parsers(sub)
+    ev = sub_parser(sub, "eval", "held-out loss, perplexity, accuracy, report and plots")
     which = ev.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="evaluate this checkpoint's adapter")
     ev.add_argument("--base", action="store_true", help="evaluate the base model (too)")
     ev.add_argument("--name", help="report folder name under outputs/4_evaluation/")
-    _config_args(ev)
+    config_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    mg = _sub(sub, "merge", "merge the adapter into the base model (stage 5)")
+    mg = sub_parser(sub, "merge", "merge the adapter into the base model (stage 5)")
     mg.add_argument("--checkpoint", required=True, help="checkpoint folder")
     mg.add_argument(
         "--out",
@@ -462,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--base", help="base model folder (default: the one it was trained on)")
     mg.set_defaults(func=cmd_merge)
 
-    ch = _sub(sub, "chat", "chat with the fine-tuned model")
+    ch = sub_parser(sub, "chat", "chat with the fine-tuned model")
     ch.add_argument("--checkpoint", required=True, help="checkpoint folder")
     ch.add_argument("--prompt", help="one message, one reply, then exit (default: interactive)")
     ch.add_argument("--system", help="system message")

@@ -21,16 +21,11 @@ import safetensors.torch
 import torch
 
 from sftrun import constants as C
+from sftrun import fs
 from sftrun.config import TrainingConfig
 from sftrun.constants import IGNORE_INDEX
-from sftrun.data import (
-    TokenizedData,
-    check_data_file,
-    data_fingerprint,
-    describe_sources,
-    format_counts,
-    tokenize_file,
-)
+from sftrun.data import check_data_file, describe_sources, format_counts
+from sftrun.encoding import TokenizedData, data_fingerprint, tokenize_file
 from sftrun.errors import DataError, DiskSpaceError
 
 CACHE_DIR = Path(C.DATA_STAGE_DIR) / "cache"
@@ -57,7 +52,7 @@ def _save_cache(target: Path, data: TokenizedData) -> None:
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
+        fs.ops().save_tensors(tensors, tmp, metadata=meta)
         os.replace(tmp, target)  # atomic: a reader sees the old file, the new one, or none
     except OSError as exc:
         tmp.unlink(missing_ok=True)

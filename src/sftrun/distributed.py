@@ -30,6 +30,7 @@ def launched_world_size() -> int:
 
 
 def launched_rank() -> int:
+    """This process's rank, from the launcher's environment (0 without one)."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -70,12 +71,14 @@ def stop() -> None:
 
 
 def world_size() -> int:
+    """Processes in the formed group (1 when there is none)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank in the formed group (0 when there is none)."""
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

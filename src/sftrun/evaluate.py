@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sftrun.data import Conversation, TokenizedData, collate
+from sftrun.data import Conversation
+from sftrun.encoding import TokenizedData, collate
 
 
 def score_exact(pred: str, ref: str) -> bool:
+    """True when the prediction equals the reference, ignoring surrounding white space."""
     return pred.strip() == ref.strip()
 
 
@@ -35,6 +37,8 @@ SCORERS = {"exact": score_exact, "json": score_json}
 
 @dataclass
 class AccuracyResult:
+    """Held-out generation accuracy, with each sample's prediction."""
+
     accuracy: float
     correct: int
     total: int

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from sftrun import checkpoint
 from sftrun import constants as C
+from sftrun import integrity, snapshot
 from sftrun.config import LoraSettings
 from sftrun.errors import CheckpointError, ModelError
 from sftrun.hooks import RunHooks
@@ -38,12 +38,15 @@ from sftrun.modeling import (
     weights_sha256,
 )
 from sftrun.safefile import read_json_object
+from sftrun.snapshot import MODEL_PATH_ABSOLUTE
 
 PLAIN = Backend("plain", "inference")
 
 
 @dataclass
 class Loaded:
+    """A checkpoint's model ready for inference, with what it was trained with."""
+
     model: Any  # PeftModel in eval mode
     tokenizer: Any
     base_path: str
@@ -53,9 +56,9 @@ class Loaded:
 
 def load_adapter_model(ckpt: str | Path, base: str | None = None) -> Loaded:
     """The base model with the checkpoint's adapter; refuses a base with other weights."""
-    payload, _ = checkpoint.load(ckpt)
-    args = payload.training_args
-    want = payload.identity.get("base_model_sha256")
+    saved = snapshot.load(Path(ckpt))
+    args = saved.args
+    want = saved.identity.get("base_model_sha256")
     base_path = base or _base_model_path(args, want, ckpt)
     if base and want and weights_sha256(base_path) != want:
         raise ModelError(
@@ -66,9 +69,9 @@ def load_adapter_model(ckpt: str | Path, base: str | None = None) -> Loaded:
     model = load_lora_model(
         base_path, LoraSettings(**args["lora"]), PLAIN, torch.float32, args["max_seq_length"]
     )
-    restore_adapter(model, payload.adapter_state, Path(ckpt))
+    restore_adapter(model, saved.adapter, Path(ckpt))
     model.eval()
-    return Loaded(model, tokenizer, base_path, args, payload.trainer_state)
+    return Loaded(model, tokenizer, base_path, args, saved.state)
 
 
 def _base_model_path(args: dict[str, Any], want: str | None, ckpt: str | Path) -> str:
@@ -76,8 +79,8 @@ def _base_model_path(args: dict[str, Any], want: str | None, ckpt: str | Path) -
     folder) if it is there and holds the same weights, else the absolute path recorded at
     training time."""
     candidates = [str(args.get("model_name_or_path", ""))]
-    if args.get("model_path_absolute"):
-        candidates.append(str(args["model_path_absolute"]))
+    if args.get(MODEL_PATH_ABSOLUTE):
+        candidates.append(str(args[MODEL_PATH_ABSOLUTE]))
     for path in candidates:
         if path and (Path(path) / "config.json").is_file():
             if want is None or weights_sha256(path) == want:
@@ -151,7 +154,7 @@ def merge(
 
 
 def _export_marker(ckpt: str | Path) -> dict[str, Any]:
-    manifest = checkpoint.read_manifest(Path(ckpt))
+    manifest = integrity.read_manifest(Path(ckpt))
     return {
         "checkpoint": str(Path(ckpt).resolve()),
         "run_id": manifest.get("run_id"),
@@ -244,7 +247,7 @@ def _replace(
 
 def default_export_dir(ckpt: str | Path) -> Path:
     """``outputs/5_export/<run id>-checkpoint-<step>``: two runs never share a default."""
-    run_id = checkpoint.run_id_of(Path(ckpt))
+    run_id = integrity.run_id_of(Path(ckpt))
     name = Path(ckpt).resolve().name
     prefix = run_id[:8] if run_id else Path(ckpt).resolve().parent.name
     return Path(C.EXPORT_DIR) / f"{prefix}-{name}"

@@ -43,7 +43,7 @@ class RunHooks:
     after_commit: Callable[[int, Path], None] = _nothing
     # Each held-out loss at step ``k``: returns the value the run records (default: as is).
     on_eval: Callable[[int, float], float] = _same
-    # Builds the loss module from the PEFT model; None means ``modeling.LabelOnlyLoss``.
+    # Builds the loss module from the PEFT model; None means ``loss.LabelOnlyLoss``.
     make_loss: Callable[[Any], nn.Module] | None = None
     # sftrun's CPU LoRA fast path (``fastlora``); False runs PEFT's own forward.
     fast_lora: bool = True

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftrun import checkpoint
+from sftrun import checkpoint, integrity, runfolder
 from sftrun.errors import CheckpointError
 from sftrun.monitor import fmt_bytes
 
@@ -49,7 +49,7 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
 
 
 def _row(path: Path, kind: str, step: int | None, problem: str | None) -> Row:
-    view = checkpoint.peek(path)
+    view = integrity.peek(path)
     state = view.get("state", {})
     history = state.get("log_history", [])
     epoch = state.get("epoch")
@@ -77,15 +77,15 @@ def _row(path: Path, kind: str, step: int | None, problem: str | None) -> Row:
 def list_rows(output_dir: str | Path) -> list[Row]:
     """Every checkpoint, superseded checkpoint and unfinished save under ``output_dir``."""
     out = Path(output_dir)
-    rows = [_row(i.path, "checkpoint", i.step, i.problem) for i in checkpoint.scan(out)]
+    rows = [_row(i.path, "checkpoint", i.step, i.problem) for i in runfolder.scan(out)]
     valid = [r for r in rows if r.valid]
     if valid:
         valid[-1].newest = True
-        best = checkpoint.peek(Path(valid[-1].path)).get("state", {}).get("best_model_checkpoint")
+        best = integrity.peek(Path(valid[-1].path)).get("state", {}).get("best_model_checkpoint")
         for r in rows:
             r.best = best is not None and Path(best).name == r.name
-    for folder in checkpoint.superseded_folders(out):  # real folders only, never a link
-        for info in checkpoint.scan(folder):
+    for folder in runfolder.superseded_folders(out):  # real folders only, never a link
+        for info in runfolder.scan(folder):
             rows.append(_row(info.path, "superseded", info.step, info.problem))
     for tmp in checkpoint.temp_folders(out):
         rows.append(_row(tmp, "temporary", None, "unfinished save (removed at the next start)"))
@@ -97,6 +97,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def render_table(rows: list[Row], output_dir: str | Path) -> str:
+    """``ckpt list``'s table of ``rows``."""
     if not rows:
         return f"no checkpoints in {output_dir}"
     header = (
@@ -145,11 +146,14 @@ def render_table(rows: list[Row], output_dir: str | Path) -> str:
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    """``ckpt list --json``'s rows."""
     return [asdict(r) for r in rows]
 
 
 @dataclass
 class PruneResult:
+    """What ``ckpt prune`` deleted, kept and left alone."""
+
     removed: list[tuple[Path, int]]  # deleted folder, bytes freed
     kept: list[Path]  # valid checkpoints kept
     left: list[tuple[Path, str]]  # entries not touched because they are not intact
@@ -159,11 +163,11 @@ def prune(output_dir: str | Path, keep: int, keep_best: bool) -> PruneResult:
     """Delete all but the newest ``keep`` valid checkpoints (and the best, if asked).
 
     Never deletes the newest valid checkpoint, a damaged folder, a symbolic link or a
-    superseded one; deletion goes through ``checkpoint.delete`` (real folders directly
+    superseded one; deletion goes through ``runfolder.delete`` (real folders directly
     inside ``output_dir`` only). A folder holding intact checkpoints of two runs is refused
     whole. Everything is decided before the first deletion.
     """
-    infos = checkpoint.scan(output_dir)
+    infos = runfolder.scan(output_dir)
     valid = [i for i in infos if i.valid]
     runs = sorted({i.run_id for i in valid if i.run_id is not None})
     if len(runs) > 1:
@@ -179,11 +183,11 @@ def prune(output_dir: str | Path, keep: int, keep_best: bool) -> PruneResult:
         )
     spared = {i.path for i in valid[-max(keep, 1) :]}
     if keep_best and valid:
-        best = checkpoint.peek(valid[-1].path).get("state", {}).get("best_model_checkpoint")
+        best = integrity.peek(valid[-1].path).get("state", {}).get("best_model_checkpoint")
         if best:
             spared |= {i.path for i in valid if i.path.name == Path(best).name}
     doomed = [i.path for i in valid if i.path not in spared]
-    removed = [(path, checkpoint.delete(path)) for path in doomed]
+    removed = [(path, runfolder.delete(path)) for path in doomed]
     return PruneResult(
         removed,
         [i.path for i in valid if i.path in spared],
@@ -230,12 +234,12 @@ def render_inspect(path: Path, problem: str | None, view: dict[str, Any]) -> str
 def render_preview(plan: RunPlan, config_path: str) -> str:
     """``ckpt inspect``'s dry run: what resuming with this config would do or refuse."""
     lines = [f"resume with {config_path}:"]
-    if plan.payload is not None:
+    if plan.snapshot is not None:
         from sftrun.resume import keep_batch
 
         world = plan.world
         other = 1 if world > 1 else 2
-        saved = int(plan.payload.identity.get("global_batch_size") or plan.global_batch)
+        saved = int(plan.snapshot.identity.get("global_batch_size") or plan.global_batch)
         micro = plan.cfg.per_device_train_batch_size
         lines.append(
             f"  processes    {world}, as the checkpoint was written (a launch on another count "

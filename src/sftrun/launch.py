@@ -20,6 +20,7 @@ STOP_CODES = {128 + int(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGIN
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """torchrun with the same arguments; a stop by signal ends with 128 + the signal, quietly."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -31,6 +31,8 @@ WARN_SHARE = 0.9  # warn above this share of the device's memory
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """The estimated peak memory of one training process, by part, in bytes."""
+
     weights: int
     adapter: int  # weights, gradients and AdamW's two moments, all float32
     activations: int
@@ -82,6 +84,7 @@ def estimate(
 
 
 def device_capacity(device: torch.device) -> int | None:
+    """Bytes of memory the device has (the machine's RAM for the CPU); None if unknown."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     try:
@@ -112,6 +115,7 @@ def advice(e: MemoryEstimate, cfg: Any) -> str:
 
 
 def summary_line(e: MemoryEstimate, checkpointing: bool) -> str:
+    """The summary's memory line."""
     where = f" of {fmt_bytes(e.capacity)} {e.device}" if e.capacity else ""
     return (
         f"about {fmt_bytes(e.total)} at peak per process{where}: weights "

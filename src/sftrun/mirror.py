@@ -18,7 +18,7 @@ a link to a device in its place is an incomplete copy, not a hang.
 Storage is reached only through ``fsspec`` (local paths built in, ``s3://`` through ``s3fs``);
 credentials and endpoints come from that library's usual environment and config files, never
 from sftrun's config or its logs.
-Downloaded bytes are verified by ``checkpoint.verify`` before anything uses them.
+Downloaded bytes are verified by ``integrity.verify`` before anything uses them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftrun import checkpoint
+from sftrun import checkpoint, integrity
 from sftrun import constants as C
 from sftrun.errors import CheckpointError, ConfigError
 from sftrun.safefile import parse_json_object, read_small
@@ -48,6 +48,7 @@ BACKOFF_S = 1.0  # doubled after each failed attempt
 
 
 def is_url(text: str) -> bool:
+    """True when a path names remote storage (``scheme://...``)."""
     return "://" in text
 
 
@@ -169,7 +170,7 @@ class Remote:
             )
 
     def owners(self) -> dict[str | None, list[Path]]:
-        """Remote checkpoints by the run id of their manifest (as ``checkpoint.owners``)."""
+        """Remote checkpoints by the run id of their manifest (as ``runfolder.owners``)."""
         found: dict[str | None, list[Path]] = {}
         for name in self.names():
             manifest = self.manifest(name)
@@ -234,7 +235,7 @@ class Remote:
                 file_name = remote.rstrip("/").rsplit("/", 1)[-1]
                 if C.MANIFEST_FILE_NAME_RE.match(file_name) or file_name == C.MANIFEST_FILE:
                     self._get_regular(remote, tmp / file_name)
-            problem = checkpoint.verify(tmp)
+            problem = integrity.verify(tmp)
             if problem is not None:
                 raise CheckpointError(
                     f"{self.where(name)}: {problem.split(': ', 1)[-1]} (the copy on the mirror)"

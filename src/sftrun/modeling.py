@@ -1,9 +1,9 @@
-"""Base model, tokenizer, LoRA adapter and the training loss module.
+"""Base model, tokenizer and LoRA adapter.
 
 Owns turning the bundled GGUF into an HF folder (``sftrun model prepare``), loading a local
 HF causal-LM folder, choosing the backend (Unsloth or plain transformers), attaching LoRA
-with PEFT, hashing the base model for resume identity, and the loss that runs the LM head
-only at positions that carry a label. Never reads or writes checkpoints.
+with PEFT, and hashing the base model for resume identity (the loss is ``loss``'s). Never
+reads or writes checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from sftrun import constants as C
 from sftrun.config import LoraSettings, QuantizationSettings
 from sftrun.errors import ModelError
 from sftrun.fastlora import use_fast_lora
-from sftrun.headloss import head_cross_entropy
 
 log = logging.getLogger("sftrun")
 
@@ -147,6 +146,7 @@ def _check_replaceable(out: Path) -> None:
 
 
 def check_model_dir(path: str | Path) -> Path:
+    """The model folder, refused with the fix when it holds no model."""
     p = Path(path)
     if not (p / "config.json").is_file():
         hint = (
@@ -214,7 +214,7 @@ def check_template(tokenizer: Any, name: str) -> None:
 def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
     """The model's tokenizer; ``chat_template`` (a known name or a Jinja file) replaces its
     chat template. A tokenizer without one is fine for raw-text data; chat records then fail
-    with a message that names this setting (``data.assistant_spans``)."""
+    with a message that names this setting (``encoding.assistant_spans``)."""
     from transformers import AutoTokenizer
 
     p = check_model_dir(path)
@@ -236,6 +236,8 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
 
 @dataclass(frozen=True)
 class Backend:
+    """Which implementation trains the model (Unsloth or plain transformers) and why."""
+
     name: str  # "unsloth" | "plain"
     reason: str
     version: str | None = None  # Unsloth's, which joins the run's identity
@@ -257,6 +259,7 @@ def select_backend(requested: str, no_unsloth: bool) -> Backend:
 
 
 def lora_config(settings: LoraSettings, base_path: str) -> Any:
+    """peft's LoraConfig for these settings, on the base model's linear layers."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -395,6 +398,7 @@ def restore_adapter(peft_model: Any, state: dict[str, torch.Tensor], source: Pat
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer updates (the adapter's), in model order."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -427,37 +431,3 @@ def tokenizer_sha256(tokenizer: Any) -> str:
 
 
 # --- the loss --------------------------------------------------------------------------------
-
-
-class LabelOnlyLoss(nn.Module):
-    """Sum of next-token cross-entropy over labelled positions, and their count.
-
-    Runs the decoder over every position but the LM head only where a label exists: in chat
-    SFT most tokens are prompt tokens, so this skips most of the vocabulary projection and
-    never materialises full-vocabulary logits; on the CPU the head's cross-entropy computes its
-    gradient in the forward (:mod:`sftrun.headloss`). Wrapping the PEFT model in a module (rather
-    than calling its parts from the loop) keeps DDP's gradient hooks in the forward path.
-    """
-
-    def __init__(self, peft_model: Any) -> None:
-        super().__init__()
-        self.peft_model = peft_model
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        base = self.peft_model.get_base_model()
-        # No KV cache: training never reuses it, and building one costs memory.
-        hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        targets = labels[:, 1:]
-        mask = targets != C.IGNORE_INDEX
-        rows, head = hidden[:, :-1][mask], base.get_output_embeddings()
-        cap = getattr(base.config, "final_logit_softcapping", None)
-        if cap:  # Gemma 2/3 squash the logits after the head (their forward does it there)
-            logits = torch.tanh(head(rows) / cap) * cap
-            loss_sum = nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
-        else:
-            loss_sum = head_cross_entropy(rows, head, targets[mask])
-        return loss_sum, mask.sum()

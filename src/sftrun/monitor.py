@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from sftrun import constants as C
-from sftrun.data import TokenizedData, describe_sources, format_counts
+from sftrun.data import describe_sources, format_counts
+from sftrun.encoding import TokenizedData
 
 if TYPE_CHECKING:
     from sftrun.plan import RunPlan
@@ -26,6 +27,7 @@ log = logging.getLogger("sftrun")
 
 
 def timestamp() -> str:
+    """Now, as the run's log and TensorBoard folder names use it."""
     return time.strftime(C.TIMESTAMP_FORMAT)
 
 
@@ -100,6 +102,7 @@ def to_log_file(level: int, message: str) -> None:
 
 
 def close_logging() -> None:
+    """Close the run's log handlers (the log file is complete after this)."""
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
@@ -236,6 +239,7 @@ def mark_superseded_boards(names: set[str], step: int) -> dict[str, str]:
 
 
 def fmt_count(n: float) -> str:
+    """A count with a unit (``1.2M``)."""
     for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.1f}{unit}"

@@ -1,11 +1,12 @@
 """Planning a run: everything decided before the model is built, for training and for
 ``sftrun ckpt inspect`` alike.
 
-Owns ``RunPlan`` and ``make_plan``: preflight, the checkpoint to resume, folder ownership, the
-data, the identity check, the run's length and LR schedule, overrides and kept settings, and
-what will be moved aside. Applies the policy of ``resume`` to what ``checkpoint`` and
-``datastage`` read; never writes a checkpoint and never builds the model. Training calls it
-strictly (the first refusal is raised); a preview collects every refusal instead.
+Owns ``RunPlan`` and ``make_plan``: preflight, folder ownership, the data, the identity, the
+run's length and LR schedule; a resume's part (the checkpoint, identity and batch checks,
+overrides, kept settings, what will be moved aside) is ``resumeplan``'s. Applies the policy
+of ``resume`` to what ``checkpoint`` and ``datastage`` read; never writes a checkpoint and
+never builds the model. Training calls it strictly (the first refusal is raised); a preview
+collects every refusal instead.
 """
 
 from __future__ import annotations
@@ -13,25 +14,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sftrun import checkpoint, distributed, mirror
 from sftrun import constants as C
+from sftrun import distributed, fs, mirror, runfolder, snapshot
 from sftrun.config import TrainingConfig
-from sftrun.data import (
-    Conversation,
-    TokenizedData,
-    check_data_file,
-    data_fingerprint,
-    read_conversations,
-)
+from sftrun.data import Conversation, check_data_file, read_conversations
 from sftrun.datastage import prepare_data
-from sftrun.errors import CheckpointError, ConfigError, SftrunError
+from sftrun.encoding import TokenizedData
+from sftrun.errors import CheckpointError, ConfigError
 from sftrun.modeling import (
     Backend,
     load_tokenizer,
@@ -40,23 +35,23 @@ from sftrun.modeling import (
     weights_sha256,
 )
 from sftrun.resume import (
-    RENDER_KEYS,
     SchedulePlan,
     build_identity,
     check_folder_owner,
-    config_overrides,
-    describe_difference,
     global_batch_size,
-    identity_differences,
-    identity_error,
-    keep_batch,
-    kept_changes,
-    plan_schedule,
     resolved_dtype,
-    split_identity,
+)
+from sftrun.resumeplan import (
+    LENGTH_KEYS,
+    checkpoint_to_resume,
+    keep_run_length,
+    plan_resume,
+    refuse,
+    saved_world,
 )
 from sftrun.sampler import total_steps
 from sftrun.schedule import Schedule, build_schedule
+from sftrun.snapshot import RunSnapshot
 from sftrun.state import TrainState
 
 log = logging.getLogger("sftrun")
@@ -81,8 +76,8 @@ class RunPlan:
     state: TrainState
     schedule: Schedule
     ckpt_path: Path | None = None
-    payload: checkpoint.CheckpointPayload | None = None
-    skipped: list[checkpoint.CheckpointInfo] = field(default_factory=list)
+    snapshot: RunSnapshot | None = None  # the checkpoint resumed from, not yet applied
+    skipped: list[runfolder.CheckpointInfo] = field(default_factory=list)
     newer: list[Path] = field(default_factory=list)
     overrides: list[tuple[str, Any, Any]] = field(default_factory=list)
     kept: list[tuple[str, Any, Any]] = field(default_factory=list)
@@ -109,13 +104,6 @@ class RunPlan:
         return self.planned * self.global_batch / len(self.train_data)
 
 
-def _refuse(plan_refusals: list[str] | None, error: SftrunError) -> None:
-    """Raise ``error`` when planning strictly; note it when previewing."""
-    if plan_refusals is None:
-        raise error
-    plan_refusals.append(str(error))
-
-
 def check_output_dir(out: Path, key: str = "output_dir") -> None:
     """Raise ConfigError unless ``out`` is (or can be created as) a writable folder.
 
@@ -133,7 +121,7 @@ def check_output_dir(out: Path, key: str = "output_dir") -> None:
     if not probe.is_dir():
         raise ConfigError(f"{key} {out}: {probe} is a file, not a folder; set {key} to a folder")
     try:
-        fd, name = tempfile.mkstemp(prefix=".sftrun-write-test-", dir=probe)
+        fd, name = fs.ops().mkstemp(prefix=".sftrun-write-test-", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
@@ -158,11 +146,8 @@ def check_stage_folders(cfg: TrainingConfig) -> None:
             ) from None
 
 
-LENGTH_KEYS = ("num_train_epochs", "max_steps")
-
-
 def sets_length(overrides: list[str]) -> bool:
-    """Whether KEY=VALUE ``overrides`` set the run's length (see :func:`_keep_run_length`)."""
+    """Whether KEY=VALUE ``overrides`` set the run's length (see :func:`keep_run_length`)."""
     return any(o.partition("=")[0] in LENGTH_KEYS for o in overrides if "=" in o)
 
 
@@ -181,7 +166,7 @@ def make_plan(
     output folder, then the slower steps (tokenizer, data, identity hashes). Raises the first
     refusal (SftrunError) unless ``preview``, which collects them in ``refusals`` and raises
     only when the checkpoint itself cannot be read. ``length_set``: num_train_epochs or
-    max_steps was given on the command line (see :func:`_keep_run_length`).
+    max_steps was given on the command line (see :func:`keep_run_length`).
     """
     out = Path(cfg.output_dir)
     refusals: list[str] | None = [] if preview else None
@@ -198,7 +183,7 @@ def make_plan(
     # Rank 0 alone looks for the checkpoint (and the folder's owner); every rank then loads
     # the verified bytes of the folder it chose.
     ckpt_path, skipped, staging = distributed.decided_by_main(
-        lambda: _checkpoint_to_resume(out, resume, refusals, cfg.mirror_to)
+        lambda: checkpoint_to_resume(out, resume, refusals, cfg.mirror_to)
     )
     try:
         plan = _make_plan(cfg, out, ckpt_path, skipped, refusals, processes, no_unsloth, preview)
@@ -206,10 +191,10 @@ def make_plan(
         if resume == C.RESUME_AUTO and ckpt_path is None:
             plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
         _check_parallel(plan, refusals, preview)
-        if plan.payload is not None:
+        if plan.snapshot is not None:
             if not length_set:
-                _keep_run_length(plan, plan.payload)
-            _plan_resume(plan, plan.payload, allow_data_change, refusals, resume == C.RESUME_AUTO)
+                keep_run_length(plan, plan.snapshot)
+            plan_resume(plan, plan.snapshot, allow_data_change, refusals, resume == C.RESUME_AUTO)
     except BaseException:
         mirror.discard(staging)  # a refused resume leaves the run folder as it was
         raise
@@ -220,14 +205,14 @@ def _make_plan(
     cfg: TrainingConfig,
     out: Path,
     ckpt_path: Path | None,
-    skipped: list[checkpoint.CheckpointInfo],
+    skipped: list[runfolder.CheckpointInfo],
     refusals: list[str] | None,
     processes: Any,
     no_unsloth: bool,
     preview: bool,
 ) -> RunPlan:
-    """The plan of a fresh run from ``cfg`` (with the checkpoint's payload, not yet applied)."""
-    payload = checkpoint.load(ckpt_path)[0] if ckpt_path is not None else None
+    """The plan of a fresh run from ``cfg`` (with the checkpoint's snapshot, not yet applied)."""
+    saved = snapshot.load(ckpt_path) if ckpt_path is not None else None
 
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
     tok_sha = tokenizer_sha256(tokenizer)
@@ -235,7 +220,7 @@ def _make_plan(
         train_data, eval_data = prepare_data(
             cfg, tokenizer, tok_sha, report=not preview and distributed.rank() == 0
         )
-    world = processes.num_processes if processes else _saved_world(payload)
+    world = processes.num_processes if processes else saved_world(saved)
     dtype = resolved_dtype(cfg, torch.cuda.is_available())
     identity = build_identity(
         cfg,
@@ -266,7 +251,7 @@ def _make_plan(
             cfg.lr_scheduler_type, cfg.learning_rate, planned, cfg.warmup_steps, cfg.warmup_ratio
         ),
         ckpt_path=ckpt_path,
-        payload=payload,
+        snapshot=saved,
         skipped=skipped,
         refusals=refusals if refusals is not None else [],
     )
@@ -286,7 +271,7 @@ def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) ->
     if plan.cfg.parallel == "fsdp" and plan.world == 1 and not preview:
         plan.notes.append("parallel: fsdp in one process: nothing to shard, trained as usual")
     if plan.sharded and plan.cfg.quantization is not None:
-        _refuse(
+        refuse(
             refusals,
             ConfigError(
                 "parallel: fsdp cannot shard a quantized base; use parallel: ddp with "
@@ -294,7 +279,7 @@ def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) ->
             ),
         )
     if plan.world > 1 and plan.backend.name == "unsloth":
-        _refuse(
+        refuse(
             refusals,
             ConfigError(
                 f"Unsloth trains in one process, and this launch has {plan.world}; pass "
@@ -306,235 +291,18 @@ def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) ->
 def recheck_folder(plan: RunPlan) -> None:
     """Under the folder's lock: the folder is still as planned (no run committed between
     planning and locking). Raises CheckpointError otherwise."""
-    owner = plan.payload.run_id if plan.payload is not None else None
+    owner = plan.snapshot.run_id if plan.snapshot is not None else None
     check_folder_owner(
         plan.out,
-        checkpoint.owners(plan.out),
-        checkpoint.superseded_folders(plan.out) if plan.ckpt_path is None else [],
+        runfolder.owners(plan.out),
+        runfolder.superseded_folders(plan.out) if plan.ckpt_path is None else [],
         plan.ckpt_path,
         owner,
     )
     if plan.ckpt_path is not None:
-        newer = checkpoint.newer_than(plan.out, plan.state.global_step)
+        newer = runfolder.newer_than(plan.out, plan.state.global_step)
         if [p.name for p in newer] != [p.name for p in plan.newer]:
             raise CheckpointError(
                 f"{plan.out} changed while this run was starting (another process wrote "
                 f"{', '.join(p.name for p in newer)}); start it again"
             )
-
-
-def _checkpoint_to_resume(
-    out: Path, resume: str | None, refusals: list[str] | None, mirror_to: str | None
-) -> tuple[Path | None, list[checkpoint.CheckpointInfo], Path | None]:
-    """The verified checkpoint (with the newer folders skipped) and the staging folder it
-    waits in when it came from a mirror, after the ownership checks.
-
-    A URL is downloaded into a staging folder beside ``out``; ``latest``/``auto`` take the
-    mirror's copy when it is newer than ``out``'s newest valid checkpoint (a new machine, a
-    lost disk, a local folder behind its mirror)."""
-    ckpt_path: Path | None = None
-    skipped: list[checkpoint.CheckpointInfo] = []
-    staging = None
-    try:
-        if resume is not None and mirror.is_url(resume):
-            staging = mirror.staging_folder(out)
-            ckpt_path = mirror.fetch(resume, staging)
-            log.warning("downloaded %s (it joins %s once the resume is accepted)", resume, out)
-        elif resume is not None:
-            ckpt_path, skipped, staging = _resolve_or_mirror(resume, out, mirror_to)
-        run_id = checkpoint.run_id_of(ckpt_path) if ckpt_path is not None else None
-        try:
-            owners = checkpoint.owners(out)
-            check_folder_owner(out, owners, checkpoint.superseded_folders(out), ckpt_path, run_id)
-            if mirror_to:  # the mirror is the run's too: the same rule, and its marker
-                remote = mirror.readable_owners(mirror_to)
-                check_folder_owner(mirror_to, remote, [], ckpt_path, run_id, key="mirror_to")
-                mirror.check_owner(mirror_to, run_id)
-        except CheckpointError as exc:
-            _refuse(refusals, exc)
-    except BaseException:
-        mirror.discard(staging)
-        raise
-    return ckpt_path, skipped, staging
-
-
-def _with_factors(
-    diff: tuple[str, Any, Any], old_args: dict[str, Any], cfg: TrainingConfig, world: int
-) -> tuple[str, Any, Any]:
-    """A global-batch difference names its three factors on both sides."""
-    key, was, now = diff
-    if key != "global_batch_size":
-        return diff
-    old = (
-        f"{old_args.get('per_device_train_batch_size')} x "
-        f"{old_args.get('gradient_accumulation_steps')} x {old_args.get('world_size', 1)}"
-    )
-    new = f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x {world}"
-    return key, f"{was} ({old})", f"{now} ({new})"
-
-
-def _resolve_or_mirror(
-    resume: str, out: Path, mirror_to: str | None
-) -> tuple[Path | None, list[checkpoint.CheckpointInfo], Path | None]:
-    """``checkpoint.resolve``; with a mirror, 'latest'/'auto' take the mirror's newest copy
-    of the same run when it is newer than the newest valid local checkpoint (downloaded into
-    a staging folder, verified, returned with that folder)."""
-    if not mirror_to or resume not in (C.RESUME_LATEST, C.RESUME_AUTO):
-        return (*checkpoint.resolve(resume, out), None)
-    # Newest first, stopping at the first intact one, as a plain 'latest' does.
-    local, skipped = checkpoint.resolve(C.RESUME_AUTO, out)
-    above = checkpoint.step_of(local) if local is not None else -1
-    run_id = checkpoint.run_id_of(local) if local is not None else None
-    staging = mirror.staging_folder(out)
-    try:
-        fetched, passed_over = mirror.newest(mirror_to, staging, above, run_id)
-    except BaseException:
-        mirror.discard(staging)
-        raise
-    for line in passed_over:
-        log.warning("skipped on the mirror: %s", line)
-    if fetched is None:
-        mirror.discard(staging)
-        if local is None:
-            return (*checkpoint.resolve(resume, out), None)  # latest: its error; auto: new run
-        return local, skipped, None
-    if local is None:
-        log.warning("no valid checkpoint in %s: resumed from the mirror's %s", out, fetched.name)
-    else:
-        log.warning(
-            "the mirror's %s is newer than the newest valid checkpoint in %s (%s): resuming "
-            "from the mirror's copy",
-            fetched.name,
-            out,
-            local.name,
-        )
-    return fetched, skipped, staging
-
-
-def _keep_run_length(plan: RunPlan, payload: checkpoint.CheckpointPayload) -> None:
-    """The config file lengthens a run but never shortens it: when it plans fewer steps than
-    the checkpoint's run (as its start or its last "train longer" resume set them), the run
-    keeps the checkpoint's length. Only num_train_epochs/max_steps given as KEY=VALUE set a
-    shorter end. So a retry loop with the original config finishes an extended run, and
-    "continue at a lower LR" after "train longer" continues the longer run."""
-    saved_end = int(payload.trainer_state.get("max_steps") or 0)
-    if plan.planned >= saved_end:
-        return
-    old = payload.training_args
-    cfg = plan.cfg.model_copy(update={k: old[k] for k in LENGTH_KEYS if k in old})
-    planned = total_steps(
-        len(plan.train_data), plan.global_batch, cfg.num_train_epochs, cfg.max_steps
-    )
-    if planned != saved_end:
-        return  # other data or batch: the identity check names the difference
-    plan.notes.append(
-        f"the config plans {plan.planned} steps; this run was planned to step {saved_end} "
-        "(by its start or a resume that trained longer) and keeps that end (set "
-        "num_train_epochs or max_steps on the command line to change it)"
-    )
-    plan.cfg, plan.planned = cfg, planned
-    plan.schedule = build_schedule(
-        cfg.lr_scheduler_type, cfg.learning_rate, planned, cfg.warmup_steps, cfg.warmup_ratio
-    )
-
-
-def _saved_world(payload: checkpoint.CheckpointPayload | None) -> int:
-    """For a preview: the process count the checkpoint was written with."""
-    return int(payload.training_args.get("world_size", 1)) if payload is not None else 1
-
-
-def _check_identity(
-    plan: RunPlan,
-    payload: checkpoint.CheckpointPayload,
-    allow_data_change: bool,
-    refusals: list[str] | None,
-) -> None:
-    """Refuse (or, previewing, list) every identity difference, with the setting that keeps
-    the global batch when that is one of them; note what --allow-data-change accepts."""
-    cfg, old_args = plan.cfg, payload.training_args
-    old_render = {k: old_args.get(k) for k in RENDER_KEYS}
-    new_render = {k: getattr(cfg, k) for k in RENDER_KEYS}
-    same_content = old_render != new_render and (
-        data_fingerprint(cfg.train_file, old_render) == payload.identity.get("data_fingerprint")
-    )
-    diffs = identity_differences(
-        payload.identity, plan.identity, old_render, new_render, same_content
-    )
-    blocking, notes = split_identity(diffs, allow_data_change)
-    plan.notes += notes
-    blocking = [_with_factors(d, old_args, cfg, plan.world) for d in blocking]
-    saved_batch = payload.identity.get("global_batch_size")
-    batch_fix = (
-        keep_batch(saved_batch, cfg.per_device_train_batch_size, plan.world)
-        if isinstance(saved_batch, int)
-        else ""
-    )
-    if blocking:
-        if refusals is None:
-            raise identity_error(blocking, batch_fix)
-        refusals += [describe_difference(*d) for d in blocking]
-        if batch_fix and any(k == "global_batch_size" for k, _, _ in blocking):
-            refusals.append(
-                f"to keep the global batch on {plan.world} process(es), set {batch_fix}"
-            )
-
-
-def _plan_resume(
-    plan: RunPlan,
-    payload: checkpoint.CheckpointPayload,
-    allow_data_change: bool,
-    refusals: list[str] | None,
-    auto: bool = False,
-) -> None:
-    """Check identity, restore the trainer state and re-plan what the config changed.
-
-    With ``auto`` (``--resume auto``, the retry loop's command), a checkpoint at or past the
-    planned end is a complete run, never an error: no exit code makes a retry loop spin."""
-    _check_identity(plan, payload, allow_data_change, refusals)
-    cfg, old_args = plan.cfg, payload.training_args
-    plan.state = TrainState.from_dict(payload.trainer_state)
-    step = plan.state.global_step
-    plan.state.resumed_from.append(step)
-    if payload.run_id is None:
-        # A checkpoint from before run ids joins the one run its folder holds, if any.
-        known = [r for r in checkpoint.owners(plan.out) if r is not None]
-        if len(known) == 1:
-            plan.state.run_id = known[0]
-    if plan.dtype == "float16" and not isinstance(payload.scheduler_state.get("scaler"), dict):
-        _refuse(
-            refusals,
-            CheckpointError(
-                f"{plan.ckpt_path}: {C.SCHEDULER_FILE} has no loss-scaler state, which a "
-                "float16 run needs to resume exactly; resume from a checkpoint written by "
-                "this float16 run"
-            ),
-        )
-    old = Schedule.from_dict(payload.scheduler_state["schedule"])
-    if step == plan.planned or (auto and step > plan.planned):
-        plan.complete = True  # the checkpoint's run is finished (or past what is asked)
-        if step > plan.planned:
-            plan.notes.append(
-                f"the checkpoint is at step {step}, past the planned end (step {plan.planned})"
-            )
-        return
-    try:
-        plan.lr_plan = plan_schedule(old, step, cfg.learning_rate, plan.planned)
-        plan.schedule = plan.lr_plan.schedule
-    except CheckpointError as exc:
-        _refuse(refusals, exc)
-    plan.overrides = config_overrides(old_args, cfg)
-    plan.kept = kept_changes(old_args, cfg)
-    plan.notes += [f"override {k}: {was!r} -> {now!r}" for k, was, now in plan.overrides]
-    plan.notes += [
-        f"kept {k}={was!r} from the checkpoint (config says {now!r})" for k, was, now in plan.kept
-    ]
-    if plan.lr_plan is not None and plan.lr_plan.changed:
-        plan.notes.append(plan.lr_plan.describe(step))
-    plan.newer = checkpoint.newer_than(plan.out, step)
-    saved_world = int(old_args.get("world_size", 1))
-    if saved_world != plan.world:
-        plan.notes.append(
-            f"written by {saved_world} process(es), resumed on {plan.world}: the same samples "
-            "in the same order with the same optimizer and LR state; random states are "
-            "re-derived per process, so the numbers are not bit-identical to an uninterrupted run"
-        )

@@ -15,10 +15,11 @@ from typing import Any
 
 from sftrun import constants as C
 from sftrun.config import TrainingConfig
-from sftrun.data import read_conversations, tokenize_file
+from sftrun.data import read_conversations
+from sftrun.encoding import tokenize_file
 from sftrun.evaluate import eval_loss, generation_accuracy
 from sftrun.export import Loaded, load_adapter_model, load_base_model
-from sftrun.modeling import LabelOnlyLoss
+from sftrun.loss import LabelOnlyLoss
 
 EVAL_DIR = Path(C.OUTPUTS_DIR) / "4_evaluation"
 SAMPLES_IN_REPORT = 5

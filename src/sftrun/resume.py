@@ -9,7 +9,8 @@ Contract (docs/resume.md states it for users). Every config key is in exactly on
 - :data:`IDENTITY` must match, or resume is refused with every difference named once;
 - :data:`TUNABLE` may change; each change is reported as an override;
 - :data:`KEPT` keep the checkpoint's value (the LR schedule's kind and warm-up, Adam's
-  constants), and the summary says so;
+  constants), and the summary says so (docs/resume.md's table and the config file's
+  comments are generated from these groups);
 - a longer run stretches the old decay, unless the old decay had (nearly) ended: then the
   extension decays afresh from ``learning_rate`` (:data:`RESTART_BELOW`);
 - a run owns its output folder: a fresh start refuses a folder that holds checkpoints, and
@@ -30,63 +31,108 @@ from sftrun.schedule import Schedule, retarget
 # run's peak: stretching a curve that has reached ~0 would train the new steps at ~0.
 RESTART_BELOW = 0.1
 
-# Settings a checkpoint is bound to, as (key, how it is compared).
+# The three groups below are the whole policy: planning applies them, and docs/resume.md's
+# table and the config file's "[resume: ...]" comments are generated from them
+# (:func:`policy_table`, :func:`config_rule`; tests/test_structure.py holds them equal).
+
+# Settings a checkpoint is bound to: a difference refuses the resume, as (key, what is compared).
 IDENTITY = {
-    "model_name_or_path": "the path and the sha256 of the weights and config",
-    "train_file": "the sha256 of the file's bytes (the data fingerprint)",
+    "model_name_or_path": "the base model's weights and config (sha256), wherever the folder is",
+    "train_file": "the data's content (sha256); accepted with `--allow-data-change`, "
+    "which is logged",
     "max_seq_length": "equal",
-    "overlong": "equal (part of the data fingerprint)",
-    "train_on": "equal (part of the data fingerprint)",
+    "overlong": "equal; named as the setting (`overlong: 'truncate' -> 'drop'`), not also as "
+    "changed data",
+    "train_on": "equal; named as the setting, not also as changed data",
     "seed": "equal",
-    "dtype": "the resolved precision is equal",
-    "lora": "every LoRA setting is equal",
-    "chat_template": "the template text is equal (part of the tokenizer's sha256)",
-    "quantization": "every quantization setting is equal, and k-bit preparation ran alike",
+    "dtype": "the resolved precision (`float32`, `bfloat16`, `float16`); a float16 checkpoint "
+    "also carries its loss scaler's state, restored exactly (missing: refused)",
+    "lora": "every LoRA setting (`r`, `alpha`, `dropout`, `target_modules`)",
+    "chat_template": "the template text (part of the tokenizer's sha256)",
+    "quantization": "every setting (bits, type, double quantization, compute dtype), and "
+    "k-bit preparation ran alike; named per setting (`quantization.bits: 4 -> 8`)",
+}
+# What else a checkpoint is bound to that is not one config key, as (what, what is compared).
+DERIVED_IDENTITY = {
+    "the tokenizer": "vocabulary, special tokens and chat template (sha256)",
+    "the global batch": "micro-batch x accumulation x processes; the refusal names the "
+    "`gradient_accumulation_steps` that keeps it",
+    "Unsloth's version": "equal when both runs use Unsloth (switching between Unsloth and the "
+    "plain backend is allowed)",
 }
 # Settings that shape the tokens the data becomes; a change is reported as itself, not also
 # as changed data.
 RENDER_KEYS = ("max_seq_length", "overlong", "train_on")
 
-# Settings that may take a new value on resume, as (key, what happens).
+# Settings that may take a new value on resume, as (key, what happens); each change is listed
+# as an override in the summary.
 TUNABLE = {
     "eval_file": "new held-out data from the resume step on",
     "output_dir": "checkpoints from the resume step on go to the new folder",
-    "num_train_epochs": "the run's length is re-planned; the LR decay is stretched to the new end",
-    "max_steps": "the run's length is re-planned; the LR decay is stretched to the new end",
+    "num_train_epochs": "the run's length is re-planned: the LR keeps its value at the resume "
+    "step and the rest of the decay is stretched (or squeezed) to the new end, unless the LR "
+    'there is below 10% of its peak (see "Training longer"); the config file never shortens '
+    "a run, `num_train_epochs=` on the command line does",
+    "max_steps": "as `num_train_epochs`",
     "learning_rate": "the LR curve is scaled to the new peak from the resume step on",
     "logging_steps": "new interval from the resume step on",
-    "report_to": "the listed dashboards from the resume step on (each continues its own run)",
+    "report_to": "each listed tracker continues its own run from the checkpoint's step "
+    "(docs/trackers.md)",
     "save_steps": "new interval from the resume step on",
     "eval_steps": "new interval from the resume step on",
     "save_total_limit": "new limit at the next save",
     "metric_for_best_model": "new value from the resume step on",
-    "per_device_train_batch_size": "same global batch split differently; same data position",
-    "gradient_accumulation_steps": "same global batch split differently; same data position",
+    "per_device_train_batch_size": "only with the same global batch (micro-batch x "
+    "accumulation x processes): the same examples per step and data position; LoRA dropout "
+    "masks are drawn per micro-batch, so with dropout > 0 the numbers are no longer "
+    "bit-identical",
+    "gradient_accumulation_steps": "as `per_device_train_batch_size`",
     "weight_decay": "new value from the resume step on",
     "max_grad_norm": "new value from the resume step on",
     "eval_accuracy": "new value for the final evaluation",
     "eval_max_new_tokens": "new value for the final evaluation",
     "eval_max_samples": "new value for the final evaluation",
     "per_device_eval_batch_size": "new value for evaluation",
-    "backend": "new value (same weights either way)",
+    "backend": "new value (the same weights either way)",
     "ddp_timeout": "new value for this launch",
-    "gradient_checkpointing": "new value from the resume step on (the same numbers either way)",
-    "parallel": "new value for this launch (same adapter and optimizer files either way)",
+    "gradient_checkpointing": "new value from the resume step on (the same numbers either way: "
+    "checkpointing replays the random state)",
+    "parallel": "new value for this launch (the same adapter and optimizer files either way: "
+    "FSDP leaves the adapter whole)",
     "mirror_to": "checkpoints from the resume step on are copied there",
 }
 
-# Settings that keep the checkpoint's value whatever the config now says.
-KEPT = (
-    "lr_scheduler_type",
-    "warmup_ratio",
-    "warmup_steps",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-)
+# Settings that keep the checkpoint's value whatever the config now says, as (key, why); the
+# summary says when the config differs.
+KEPT = {
+    "lr_scheduler_type": "the checkpoint's LR curve continues",
+    "warmup_ratio": "the checkpoint's LR curve continues",
+    "warmup_steps": "the checkpoint's LR curve continues",
+    "adam_beta1": "the optimizer's moments were built with it",
+    "adam_beta2": "the optimizer's moments were built with it",
+    "adam_epsilon": "the optimizer's moments were built with it",
+}
+
+RULES = {"must match": IDENTITY, "may change": TUNABLE, "kept": KEPT}
+
+
+def config_rule(key: str) -> str:
+    """A config key's rule on resume, as the config file's comment says it."""
+    return next(rule for rule, group in RULES.items() if key in group)
+
+
+def policy_table() -> str:
+    """docs/resume.md's table of every setting's rule, generated from the groups above."""
+    rows = ["| setting | on resume | what is compared, or what happens |", "|---|---|---|"]
+    for rule, group in RULES.items():
+        rows += [f"| `{key}` | {rule} | {text} |" for key, text in group.items()]
+        if rule == "must match":
+            rows += [f"| {what} | must match | {text} |" for what, text in DERIVED_IDENTITY.items()]
+    return "\n".join(rows) + "\n"
 
 
 def resolved_dtype(cfg: TrainingConfig, cuda: bool) -> str:
+    """The precision ``dtype`` means here: ``auto`` is bf16 on CUDA and fp32 on the CPU."""
     if cfg.dtype == "auto":
         return "bfloat16" if cuda else "float32"
     return cfg.dtype
@@ -198,6 +244,7 @@ IDENTITY_LABELS = {
 
 
 def describe_difference(key: str, was: Any, now: Any) -> str:
+    """One identity difference, as the refusal names it."""
     return f"{IDENTITY_LABELS.get(key, key)}: {_short(was)} -> {_short(now)}"
 
 
@@ -237,12 +284,15 @@ def config_overrides(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tupl
 
 
 def kept_changes(old_args: dict[str, Any], cfg: TrainingConfig) -> list[tuple[str, Any, Any]]:
+    """KEPT settings the config changes, as (key, checkpoint's, config's): the checkpoint wins."""
     new = cfg.model_dump(mode="json")
     return [(k, old_args.get(k), new[k]) for k in KEPT if k in old_args and old_args[k] != new[k]]
 
 
 @dataclass(frozen=True)
 class SchedulePlan:
+    """The LR schedule a resumed run follows, and how it differs from the checkpoint's."""
+
     schedule: Schedule
     lr_before: float  # LR the checkpoint's schedule gives the resume step
     lr_after: float  # LR the resumed run uses at the resume step

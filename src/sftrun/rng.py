@@ -14,12 +14,14 @@ import torch
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def capture() -> dict[str, Any]:
+    """This process's random state (python, numpy, torch CPU and CUDA), as plain tensors."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
@@ -39,6 +41,7 @@ def capture() -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any]) -> None:
+    """Put back a state :func:`capture` returned."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npst = state["numpy"]

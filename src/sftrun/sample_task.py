@@ -140,6 +140,7 @@ TEMPLATES = [
 
 
 def make_example(rnd: random.Random) -> dict[str, object]:
+    """One record of the sample task: a note and the JSON order it holds."""
     name = f"{rnd.choice(FIRST)} {rnd.choice(LAST)}"
     city = rnd.choice(CITIES)
     product = rnd.choice(PRODUCTS)

@@ -14,6 +14,7 @@ from sftrun.config import TrainingConfig
 
 
 def new_run_id() -> str:
+    """A new run's id."""
     return uuid.uuid4().hex
 
 
