@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
+OUT = Path("checkpoints/sft_model")  # the default output_dir, relative to a test's workdir
 
 
 def run_sftrun(
@@ -98,6 +99,35 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def train(capsys: pytest.CaptureFixture[str], *args: str, config: str = "config.yaml"):
+    """``sftrun train -y --config CONFIG ARGS`` in this process: (exit code, stdout, stderr)."""
+    return cli(capsys, "train", "-y", "--config", config, *args)
+
+
 def one_line_error(err: str) -> str:
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def rewrite_state(ckpt: Path, edit) -> None:
+    """Edit a checkpoint's trainer_state.json and keep its manifest entry true (a lie that
+    verification cannot catch, for the checks behind it)."""
+    state = trainer_state(ckpt)
+    edit(state)
+    data = json.dumps(state).encode()
+    (ckpt / "trainer_state.json").write_bytes(data)
+    rewrite_manifest(
+        ckpt, lambda m: m["files"].update({"trainer_state.json": manifest_entry(data)})
+    )
+
+
+def rewrite_manifest(ckpt: Path, edit) -> None:
+    """Edit a checkpoint's manifest.json in place."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    edit(manifest)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def manifest_entry(data: bytes) -> dict[str, Any]:
+    """The manifest's entry for a file holding ``data``."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -10,17 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.runs import changed, cli, one_line_error, tree
+from tests.runs import OUT, changed, cli, one_line_error, train, tree
 
 from sftrun import constants as C
 from sftrun import fs, integrity
 
-OUT = Path("checkpoints/sft_model")
 BIG = "x" * ((16 << 20) + 10)  # one cell just over the 16 MiB record limit
-
-
-def train(capsys, *args: str) -> tuple[int, str, str]:
-    return cli(capsys, "train", "-y", "--config", "config.yaml", *args)
 
 
 def _table(path: Path, rows: list[dict]) -> None:

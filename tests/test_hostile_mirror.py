@@ -14,17 +14,11 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import tiny_settings, write_config
-from tests.runs import adapter, assert_same_tensors, changed, cli, one_line_error, tree
+from tests.runs import OUT, adapter, assert_same_tensors, changed, cli, one_line_error, train, tree
 
 from sftrun import constants as C
 from sftrun import integrity, mirror, runfolder
 from sftrun.errors import CheckpointError
-
-OUT = Path("checkpoints/sft_model")
-
-
-def train(capsys, *args: str, config: str = "config.yaml") -> tuple[int, str, str]:
-    return cli(capsys, "train", "-y", "--config", config, *args)
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.runs import adapter, assert_same_tensors, changed, cli, trainer_state, tree
-
-OUT = Path("checkpoints/sft_model")
-
-
-def train(capsys, *args: str) -> tuple[int, str, str]:
-    return cli(capsys, "train", "-y", "--config", "config.yaml", *args)
+from tests.runs import OUT, adapter, assert_same_tensors, changed, train, trainer_state, tree
 
 
 def top_logs(workdir: Path) -> set[Path]:

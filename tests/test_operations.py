@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import main_in, tiny_settings, write_config
-from tests.runs import HELPERS, adapter, assert_same_tensors, entries, run_sftrun
+from tests.runs import HELPERS, OUT, adapter, assert_same_tensors, entries, run_sftrun, train
 
 from sftrun import constants as C
 from sftrun import runfolder, runlock
 from sftrun.cli import main
 from sftrun.errors import FolderInUseError
-
-OUT = Path("checkpoints/sft_model")
-
-
-def train(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(["train", "-y", "--config", "config.yaml", *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_resume_auto_starts_fresh_then_a_finished_run_is_success(tiny_config, capsys) -> None:
