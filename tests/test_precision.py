@@ -1,14 +1,16 @@
 """Precision: float16 with a loss scaler whose state is checkpointed (torch's GradScaler runs
-on the CPU), bfloat16 autocast on the CPU when asked, and the summary naming what is used."""
+on the CPU), bfloat16 autocast on the CPU when asked or where the CPU has it natively (and a
+resume keeping the checkpoint's on any machine), and the summary naming what is used."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from tests.conftest import tiny_settings, write_config
-from tests.runs import adapter, assert_same_tensors, run_sftrun, trainer_state
+from tests.runs import adapter, assert_same_tensors, run_sftrun, step_records, trainer_state
 
 from sftrun.cli import main
 from sftrun.hooks import RunHooks
@@ -97,3 +99,42 @@ def test_bfloat16_autocast_runs_on_the_cpu_when_asked(tiny_config, workdir: Path
     proc = run_sftrun(["train", "-y", "--config", "config.yaml", "dtype=bfloat16"], workdir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bfloat16 (autocast); LoRA weights float32" in proc.stdout
+
+
+def _manifest_dtype(ckpt: Path) -> str:
+    return json.loads((ckpt / "manifest.json").read_text())["identity"]["dtype"]
+
+
+@pytest.mark.slow
+def test_auto_is_bf16_where_the_cpu_has_it_and_a_resume_on_another_cpu_keeps_it(
+    tiny_config, workdir: Path
+) -> None:
+    """Each process answers as the CPU the test names (the helper's SFTRUN_TEST_CPU_BF16):
+    a run started where bf16 is native trains in bf16 autocast, a kill and a resume on a CPU
+    without it keeps bf16 (slower, never refused) and ends bit-identical to the run that was
+    never interrupted; a new run on that CPU is fp32."""
+    tiny_config(eval_file=None, max_steps=4, save_steps=1)
+    native, other = {"SFTRUN_TEST_CPU_BF16": "1"}, {"SFTRUN_TEST_CPU_BF16": "0"}
+    args = ["train", "-y", "--config", "config.yaml"]
+    ref = run_sftrun([*args, "output_dir=ref"], workdir, env=native, script="chaos.py")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert "bfloat16 (autocast) [auto: the CPU computes bf16 natively" in ref.stdout
+    killed = run_sftrun(
+        args, workdir, env={**native, "SFTRUN_TEST_KILL_AFTER_STEP": "2"}, script="chaos.py"
+    )
+    assert killed.returncode == -9
+    resumed = run_sftrun([*args, "--resume", "latest"], workdir, env=other, script="chaos.py")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "bfloat16 (autocast) [auto, kept from the checkpoint]" in resumed.stdout
+    assert _manifest_dtype(OUT / "checkpoint-4") == "bfloat16"
+    assert_same_tensors(adapter(OUT / "checkpoint-4"), adapter(Path("ref/checkpoint-4")))
+    ours, theirs = (
+        trainer_state(p)["log_history"] for p in (OUT / "checkpoint-4", Path("ref/checkpoint-4"))
+    )
+    assert step_records(ours) == step_records(theirs) and len(step_records(ours)) == 4
+    fresh = run_sftrun(
+        [*args, "output_dir=fresh", "max_steps=1"], workdir, env=other, script="chaos.py"
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "float32 [auto: the CPU has no native bf16" in fresh.stdout
+    assert _manifest_dtype(Path("fresh/checkpoint-1")) == "float32"

@@ -33,9 +33,16 @@ def test_the_resume_docs_and_config_comments_are_generated_from_the_policy() -> 
     resume.IDENTITY/TUNABLE/KEPT say (regenerate: python -m tests.helpers.policy_docs)."""
     from tests.helpers.policy_docs import CONFIG, DOC, config_text, doc_text
 
+    from sftrun.resume import config_rule
+
+    CONFIG_DOC = REPO / "docs/configuration.md"
+
     assert DOC.read_text() == doc_text(DOC.read_text())
     assert CONFIG.read_text() == config_text(CONFIG.read_text())
     assert "[resume: may change]" in CONFIG.read_text().split("eval_file:")[1].splitlines()[0]
+    # docs/configuration.md's "on resume" column starts from the same rule, key by key.
+    rows = re.findall(r"^\| `([a-z_.0-9]+)` \|.*\| ([^|]*) \|$", CONFIG_DOC.read_text(), re.M)
+    assert rows and all(config_rule(key.split(".")[0]) in said for key, said in rows), rows
 
 
 def _sftrun_names(tree: ast.Module) -> set[str]:

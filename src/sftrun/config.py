@@ -136,7 +136,9 @@ class TrainingConfig(BaseModel):
         42, ge=0, lt=2**32, description="Seeds LoRA init, data order and dropout (0 to 2^32-1)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute precision: auto = fp32 on CPU, bf16 autocast on CUDA."
+        "auto",
+        description="Compute precision: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+        "(AVX512-BF16, AMX, Arm BF16), fp32 on other CPUs; a resume keeps the checkpoint's.",
     )
     mirror_to: str | None = Field(
         None,

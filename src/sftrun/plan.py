@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sftrun import constants as C
-from sftrun import distributed, fs, mirror, runfolder, snapshot
+from sftrun import distributed, fs, hardware, mirror, runfolder, snapshot
 from sftrun.config import TrainingConfig
 from sftrun.data import Conversation, check_data_file, read_conversations
 from sftrun.datastage import prepare_data
@@ -63,6 +63,7 @@ class RunPlan:
 
     cfg: TrainingConfig
     dtype: str
+    dtype_why: str = ""  # how dtype was resolved (the summary says it)
     out: Path
     backend: Backend
     tokenizer: Any
@@ -221,7 +222,10 @@ def _make_plan(
             cfg, tokenizer, tok_sha, report=not preview and distributed.rank() == 0
         )
     world = processes.num_processes if processes else saved_world(saved)
-    dtype = resolved_dtype(cfg, torch.cuda.is_available())
+    saved_dtype = saved.identity.get("dtype") if saved is not None else None
+    cuda = torch.cuda.is_available()
+    cpu = None if cuda else hardware.cpu_bf16()
+    dtype, dtype_why = resolved_dtype(cfg, cuda, cpu, saved_dtype)
     identity = build_identity(
         cfg,
         base_model_sha256=weights_sha256(cfg.model_name_or_path),
@@ -236,6 +240,7 @@ def _make_plan(
     plan = RunPlan(
         cfg=cfg,
         dtype=dtype,
+        dtype_why=dtype_why,
         out=out,
         backend=backend,
         tokenizer=tokenizer,

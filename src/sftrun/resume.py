@@ -25,6 +25,7 @@ from typing import Any
 
 from sftrun.config import TrainingConfig
 from sftrun.errors import CheckpointError
+from sftrun.hardware import CpuBf16
 from sftrun.schedule import Schedule, retarget
 
 # An extension restarts the decay when the LR at the resume step is below this share of the
@@ -45,8 +46,10 @@ IDENTITY = {
     "changed data",
     "train_on": "equal; named as the setting, not also as changed data",
     "seed": "equal",
-    "dtype": "the resolved precision (`float32`, `bfloat16`, `float16`); a float16 checkpoint "
-    "also carries its loss scaler's state, restored exactly (missing: refused)",
+    "dtype": "the resolved precision (`float32`, `bfloat16`, `float16`); `auto` takes the "
+    "checkpoint's on any machine (a CPU without native bf16 runs a bf16 run slower, never "
+    "refused); a float16 checkpoint also carries its loss scaler's state, restored exactly "
+    "(missing: refused)",
     "lora": "every LoRA setting (`r`, `alpha`, `dropout`, `target_modules`)",
     "chat_template": "the template text (part of the tokenizer's sha256)",
     "quantization": "every setting (bits, type, double quantization, compute dtype), and "
@@ -131,11 +134,25 @@ def policy_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def resolved_dtype(cfg: TrainingConfig, cuda: bool) -> str:
-    """The precision ``dtype`` means here: ``auto`` is bf16 on CUDA and fp32 on the CPU."""
-    if cfg.dtype == "auto":
-        return "bfloat16" if cuda else "float32"
-    return cfg.dtype
+def resolved_dtype(
+    cfg: TrainingConfig, cuda: bool, cpu: CpuBf16 | None = None, saved: str | None = None
+) -> tuple[str, str]:
+    """The precision ``dtype`` means for this run, and why.
+
+    ``auto``: the checkpoint's resolved precision when resuming (``saved``: a resume on
+    another machine keeps it, slower there rather than refused); else bf16 autocast on CUDA
+    and on a CPU with native bf16 (``cpu``, see ``hardware``), fp32 on any other CPU. An
+    explicit value is itself (and must match the checkpoint's, as before)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype, "as configured"
+    if saved in ("float32", "bfloat16", "float16"):
+        return saved, "auto, kept from the checkpoint"
+    if cuda:
+        return "bfloat16", "auto: CUDA"
+    if cpu is not None and cpu.native:
+        return "bfloat16", f"auto: the CPU computes bf16 natively ({cpu.why})"
+    why = f" ({cpu.why})" if cpu is not None else ""
+    return "float32", f"auto: the CPU has no native bf16{why}"
 
 
 def global_batch_size(cfg: TrainingConfig, world_size: int) -> int:

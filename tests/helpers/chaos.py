@@ -8,6 +8,7 @@
 - SFTRUN_TEST_KILL_PEERS_IN_SAVE=k:FILE  process 0 SIGKILLs the other processes of the launch
                                        during the save of step k, after FILE is written
 - SFTRUN_TEST_SAMPLES_LOG=PATH        process 0 appends "step: sample ids" for every step
+- SFTRUN_TEST_CPU_BF16=0|1            answer as a CPU without (0) or with (1) native bf16
 
 Signals and kills are real (os.kill on this process), so handlers run as they would in use.
 The faults come in through ``sftrun.hooks.RunHooks``; nothing in sftrun is patched.
@@ -18,6 +19,7 @@ import signal
 import sys
 import time
 
+from sftrun import hardware
 from sftrun.cli import main
 from sftrun.hooks import RunHooks
 
@@ -82,4 +84,7 @@ hooks = RunHooks(
     after_file=after_file,
     after_commit=after_commit,
 )
+if "SFTRUN_TEST_CPU_BF16" in env:
+    with hardware.assumed(native=env["SFTRUN_TEST_CPU_BF16"] == "1"):
+        sys.exit(main(sys.argv[1:], hooks=hooks))
 sys.exit(main(sys.argv[1:], hooks=hooks))
