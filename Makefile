@@ -42,11 +42,11 @@ lint: install-test
 
 # Every test (CI runs this). The one test that needs the bundled model prepares it itself.
 test: install-test lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The edit loop: everything but the slow tiers (real processes, the real model); ~1 min.
 test-fast: install-test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Side by side with TRL's SFTTrainer on the same work (TRL is a bench-only dependency), then
 # where a step goes, the fused-GEMM candidate, the older TRL comparison, one process against

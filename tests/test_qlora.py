@@ -81,3 +81,25 @@ def test_a_4bit_run_of_the_bundled_model_resumes_bit_exactly_and_merges(
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert "into the full-precision base" in merged.stdout
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_4bit_weights_keep_the_training_layout_whatever_the_cpu(tiny_model: Path) -> None:
+    """bitsandbytes would repack a 4-bit weight for inference at the first eval-mode forward
+    on a CPU with AVX512-BF16 (then an evaluation changes later training numbers, and a
+    layer narrower than its block fails an assertion). Every 4-bit layer has that switched
+    off after loading, including one that had it on (as such a CPU sets it)."""
+    import torch
+
+    from sftrun.config import LoraSettings, QuantizationSettings
+    from sftrun.modeling import Backend, keep_4bit_layout, load_lora_model
+
+    quantization = QuantizationSettings(bits=4)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    plain = Backend("plain", "test")
+    model = load_lora_model(tiny_model, lora, plain, torch.float32, 64, quantization=quantization)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU
+    assert keep_4bit_layout(model) == len(layers)
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)

@@ -330,6 +330,7 @@ def load_lora_model(
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        keep_4bit_layout(base)
     model = get_peft_model(base, lora_config(settings, str(path)))
     if gradient_checkpointing:
         # Non-reentrant: no input that requires grad is needed, and the recomputation
@@ -339,6 +340,22 @@ def load_lora_model(
     if fast_lora:
         use_fast_lora(model)
     return model
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Keep every 4-bit weight in the one layout training uses; return how many layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel
+    at the first forward in eval mode without gradients (an evaluation, a generation), and
+    the weight keeps that layout afterwards. A run that evaluated before a step then computes
+    that step through another kernel than a resumed process that did not, so the resume is
+    not bit-exact; and a layer whose width is not a multiple of the packing block (32) fails
+    an assertion inside bitsandbytes. Turning the repacking off costs only 4-bit inference
+    speed on such CPUs."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        setattr(layer, "support_avx512bf16_for_cpu", False)  # noqa: B010 - nn.Module typing
+    return len(layers)
 
 
 def _bnb_config(q: QuantizationSettings, compute_dtype: torch.dtype) -> Any:
