@@ -200,16 +200,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    """``sftrun merge``: stage 5, the adapter merged into a full Hugging Face model folder."""
-    from sftrun.export import default_export_dir, merge
+def cmd_export(args: argparse.Namespace) -> int:
+    """``sftrun export`` (and ``sftrun merge``, its float32 HF form): stage 5, the adapter
+    merged into the base as an HF folder or a GGUF file, read back by a reader we did not
+    write before it lands."""
+    from sftrun.export import default_export_dir, export
 
-    out = args.out or default_export_dir(args.checkpoint)
-    report = merge(args.checkpoint, out, args.base, args.hooks)
-    print(
-        f"wrote {report['path']}: merged model + tokenizer; reloaded with transformers, max "
-        f"logit difference to the adapter model {report['max_abs_logit_diff']:.1e}"
+    fmt = getattr(args, "format", "hf")
+    suffix = "" if fmt == "hf" and args.dtype == "float32" else f"-{fmt}-"
+    suffix += "" if not suffix else (args.quant if fmt == "gguf" else args.dtype)
+    out = args.out or f"{default_export_dir(args.checkpoint)}{suffix}"
+    report = export(
+        args.checkpoint,
+        out,
+        fmt,
+        dtype=args.dtype,
+        quant=args.quant,
+        base=args.base,
+        hooks=args.hooks,
     )
+    what = "merged model + tokenizer" if fmt == "hf" else f"{report['gguf']} + Modelfile"
+    line = (
+        f"wrote {report['path']}: {what}; reloaded with {report['reader']}, max logit "
+        f"difference to the adapter model {report['max_abs_logit_diff']:.1e}"
+    )
+    if fmt == "gguf":
+        line += f", same next token at {100 * report['top1_agreement']:.0f}% of positions"
+        if report["not_quantized"]:
+            line += (
+                f"; kept in f16 (rows not a multiple of the block): {len(report['not_quantized'])}"
+            )
+        line += f"\nserve: llama-server -m {report['path']}/{report['gguf']}  or  "
+        line += f"cd {report['path']} && ollama create NAME -f Modelfile"
+    print(line)
     if report["note"]:
         print(report["note"])
     return 0
@@ -294,15 +317,34 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    mg = sub_parser(sub, "merge", "merge the adapter into the base model (stage 5)")
-    mg.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    mg.add_argument(
-        "--out",
-        help="destination: a new or empty folder, or an earlier export of the same checkpoint "
-        f"(default: {C.EXPORT_DIR}/<run id>-checkpoint-<step>)",
-    )
-    mg.add_argument("--base", help="base model folder (default: the one it was trained on)")
-    mg.set_defaults(func=cmd_merge)
+    for name, text in (
+        ("export", "the adapter merged into the base: an HF folder or a GGUF file (stage 5)"),
+        ("merge", "the same as export --format hf --dtype float32"),
+    ):
+        mg = sub_parser(sub, name, text)
+        mg.add_argument("--checkpoint", required=True, help="checkpoint folder")
+        if name == "export":
+            mg.add_argument("--format", choices=("hf", "gguf"), default="hf", help="what to write")
+            mg.add_argument(
+                "--quant",
+                choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
+                default="q8_0",
+                help="GGUF tensor type (1-D tensors stay f32)",
+            )
+        mg.add_argument(
+            "--dtype",
+            choices=("float32", "bfloat16", "float16"),
+            default="float32",
+            help="HF weights' precision" if name == "export" else argparse.SUPPRESS,
+        )
+        mg.add_argument(
+            "--out",
+            help="destination: a new or empty folder, or an earlier export of the same "
+            f"checkpoint in the same format (default: {C.EXPORT_DIR}/<run id>-checkpoint-<step>"
+            "[-<format>-<precision>])",
+        )
+        mg.add_argument("--base", help="base model folder (default: the one it was trained on)")
+        mg.set_defaults(func=cmd_export, quant="q8_0")
 
     ch = sub_parser(sub, "chat", "chat with the fine-tuned model")
     ch.add_argument("--checkpoint", required=True, help="checkpoint folder")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sftrun import constants as C
-from sftrun import integrity, snapshot
+from sftrun import gguf_export, integrity, snapshot
 from sftrun.config import LoraSettings
 from sftrun.errors import CheckpointError, ModelError
 from sftrun.hooks import RunHooks
@@ -101,20 +101,46 @@ def load_base_model(
     return Loaded(model, tokenizer, base_path, {}, {})
 
 
+FORMATS = ("hf", "gguf")
+DTYPES = ("float32", "bfloat16", "float16")
+# How far the reloaded export's logits may be from the adapter model's, as a share of the
+# largest logit, per precision (a quantized GGUF is reported, not judged: its error is the
+# quantization's). f16 rounds to 11 significant bits, bf16 to 8.
+TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+TOLERANCE |= {"f32": TOLERANCE["float32"], "f16": TOLERANCE["float16"], "bf16": 5e-2}
+
+
 def merge(
     ckpt: str | Path, out: str | Path, base: str | None = None, hooks: RunHooks | None = None
 ) -> dict[str, Any]:
-    """Write base + adapter as one plain HF model folder (with tokenizer and chat template).
+    """``sftrun merge``: the float32 Hugging Face export (see :func:`export`)."""
+    return export(ckpt, out, "hf", base=base, hooks=hooks)
 
-    The folder is written next to ``out`` and renamed into place; the merged model is reloaded
-    with stock transformers and its logits compared with the adapter model's.
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    fmt: str,
+    *,
+    dtype: str = "float32",
+    quant: str = "q8_0",
+    base: str | None = None,
+    hooks: RunHooks | None = None,
+) -> dict[str, Any]:
+    """Write base + adapter as one model: a plain HF folder (with tokenizer and chat
+    template) in ``dtype``, or a GGUF file in ``quant`` with an Ollama Modelfile.
+
+    Written in a private folder beside ``out``, reloaded by a reader sftrun did not write
+    (transformers, with its GGUF loader for GGUF) and its logits compared with the adapter
+    model's, then moved into place (see :func:`_replace`). Refusals (architecture, folder)
+    come before the slow part.
     """
-    from transformers import AutoModelForCausalLM
-
     target = Path(out)
-    marker = _export_marker(ckpt)
+    marker = {**_export_marker(ckpt), "format": fmt, "precision": dtype if fmt == "hf" else quant}
     fresh = _check_export_target(target, marker, ckpt)  # before the slow part
     loaded = load_adapter_model(ckpt, base)
+    if fmt == "gguf":
+        gguf_export.check_exportable(loaded.model.get_base_model().config, loaded.tokenizer)
     probe = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Check the merge."}],
         add_generation_prompt=True,
@@ -128,29 +154,105 @@ def merge(
     # A new private folder beside --out (same disk: the final renames are atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
-        merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        if fmt == "gguf":
+            report = _write_gguf(loaded, merged, tmp, quant, Path(ckpt), probe, want)
+        else:
+            report = _write_hf(loaded, merged, tmp, dtype, probe, want)
         marker["files"] = sorted(p.name for p in tmp.iterdir())  # what a re-export replaces
         (tmp / C.EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        with torch.no_grad():
-            got = reloaded(**probe).logits
-        diff = float((got - want).abs().max())
-        if diff > 1e-3:
-            raise ModelError(f"the merged model's logits differ from the adapter's by {diff:.2e}")
+        _readable(tmp)
         (hooks or RunHooks()).before_export_lands(target)
         _replace(tmp, target, marker, ckpt, fresh)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)  # made above by this call
-    quant = loaded.args.get("quantization")
+    quant_base = loaded.args.get("quantization")
     note = (
-        f"a QLoRA adapter (trained on a {quant.get('bits')}-bit base) merged into the "
+        f"a QLoRA adapter (trained on a {quant_base.get('bits')}-bit base) merged into the "
         "full-precision base, the usual QLoRA export"
-        if isinstance(quant, dict)
+        if isinstance(quant_base, dict)
         else ""
     )
-    return {"path": str(target), "max_abs_logit_diff": diff, "note": note}
+    return {"path": str(target), "note": note, **report}
+
+
+def _write_hf(
+    loaded: Loaded, merged: Any, tmp: Path, dtype: str, probe: Any, want: torch.Tensor
+) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    merged.to(getattr(torch, dtype)).save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = reloaded(**probe).logits
+    diff = float((got - want).abs().max())
+    if diff > TOLERANCE[dtype] * max(1.0, float(want.abs().max())):
+        raise ModelError(
+            f"the merged model's logits differ from the adapter's by {diff:.2e} in {dtype}, "
+            f"more than {TOLERANCE[dtype]:g} of the largest logit; export in float32 and "
+            "report this"
+        )
+    return {"max_abs_logit_diff": diff, "reader": "transformers"}
+
+
+def _write_gguf(
+    loaded: Loaded,
+    merged: Any,
+    tmp: Path,
+    quant: str,
+    ckpt: Path,
+    probe: Any,
+    want: torch.Tensor,
+) -> dict[str, Any]:
+    """The GGUF file and its Modelfile, then transformers' GGUF loader reads both the
+    weights and the tokenizer back: the same token ids and chat template, and logits within
+    the precision's tolerance (quantized files: reported)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = f"{ckpt.resolve().parent.parent.name}-{ckpt.resolve().name}"
+    path = tmp / f"model.{quant}.gguf"
+    template = loaded.tokenizer.chat_template
+    written = gguf_export.write(merged, loaded.tokenizer, path, quant, name, template)
+    (tmp / "Modelfile").write_text(gguf_export.modelfile(path.name, template))
+    tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=path.name)
+    ids = probe["input_ids"]
+    text = loaded.tokenizer.decode(ids[0])
+    if (
+        tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.tolist()
+        != ids.tolist()
+    ):
+        raise ModelError(f"{path.name}: its tokenizer does not give the training token ids")
+    if tokenizer.chat_template != template:
+        raise ModelError(f"{path.name}: its chat template is not the one the run trained with")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded.eval()(**probe).logits
+    diff = float((got - want).abs().max())
+    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    if quant in TOLERANCE and diff > TOLERANCE[quant] * max(1.0, float(want.abs().max())):
+        raise ModelError(
+            f"{path.name}: its logits differ from the adapter's by {diff:.2e}, more than "
+            f"{TOLERANCE[quant]:g} of the largest logit"
+        )
+    return {
+        "max_abs_logit_diff": diff,
+        "top1_agreement": agree,
+        "reader": "transformers' GGUF loader",
+        "gguf": path.name,
+        "not_quantized": written["not_quantized"],
+    }
+
+
+def _readable(folder: Path) -> None:
+    """The export as readable as a downloaded model folder: the folder 0755, files 0644
+    (mkdtemp made them private), less what the umask withholds."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o755 & ~mask)
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o644 & ~mask)
 
 
 def _export_marker(ckpt: str | Path) -> dict[str, Any]:
@@ -169,8 +271,10 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 
 def _same_export(folder: Path, marker: dict[str, Any]) -> bool:
     found = _read_marker(folder)
-    keys = ("run_id", "step", "adapter_sha256")
-    return found is not None and all(found.get(k) == marker[k] for k in keys)
+    keys = ("run_id", "step", "adapter_sha256", "format", "precision")
+    # An export from before formats existed is the float32 HF one.
+    old = {"format": "hf", "precision": "float32", **(found or {})}
+    return found is not None and all(old.get(k) == marker[k] for k in keys)
 
 
 def _check_export_target(target: Path, marker: dict[str, Any], ckpt: str | Path) -> bool:

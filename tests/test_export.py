@@ -1,0 +1,124 @@
+"""Stage 5 beyond the float32 HF folder: GGUF files for llama.cpp and Ollama, and HF folders
+in bf16/fp16, each read back by a reader sftrun did not write (transformers, and its GGUF
+loader) before it lands; refusals before anything is written."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from tests.runs import OUT, changed, cli, one_line_error, tree
+
+CK12 = str(OUT / "checkpoint-12")
+
+
+def _adapter_logits(ckpt: str, ids: torch.Tensor) -> torch.Tensor:
+    from sftrun.export import load_adapter_model
+
+    with torch.no_grad():
+        return load_adapter_model(ckpt).model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(("quant", "atol"), [("f32", 1e-4), ("q8_0", 0.05)])
+def test_a_gguf_export_reads_back_in_transformers_with_the_runs_tokens_and_template(
+    run: Path, workdir: Path, capsys, quant: str, atol: float
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code, out, err = cli(
+        capsys, "export", "--checkpoint", CK12, "--format", "gguf", "--quant", quant, "--out", "gg"
+    )
+    assert code == 0, err
+    assert f"model.{quant}.gguf + Modelfile; reloaded with transformers' GGUF loader" in out
+    gguf = f"model.{quant}.gguf"
+    tokenizer = AutoTokenizer.from_pretrained("gg", gguf_file=gguf)
+    from sftrun.export import load_adapter_model
+
+    loaded = load_adapter_model(CK12)
+    assert tokenizer.chat_template == loaded.tokenizer.chat_template
+    text = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Order: 3 x lamps, ship to Oslo."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    assert torch.equal(tokenizer(text, return_tensors="pt").input_ids, ids)
+    model = AutoModelForCausalLM.from_pretrained("gg", gguf_file=gguf, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, loaded.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=atol), float((got - want).abs().max())
+    modelfile = Path("gg/Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{gguf}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    marker = json.loads(Path("gg/.sftrun-export.json").read_text())
+    assert marker["format"] == "gguf" and marker["precision"] == quant
+
+
+def test_q4_0_is_a_quarter_of_f16_and_half_precision_hf_folders_are_group_readable(
+    run: Path, workdir: Path, capsys
+) -> None:
+    for quant in ("f16", "q4_0"):
+        assert (
+            cli(
+                capsys,
+                "export",
+                "--checkpoint",
+                CK12,
+                "--format",
+                "gguf",
+                "--quant",
+                quant,
+                "--out",
+                quant,
+            )[0]
+            == 0
+        )
+    f16, q4 = Path("f16/model.f16.gguf").stat().st_size, Path("q4_0/model.q4_0.gguf").stat().st_size
+    assert q4 < 0.5 * f16
+    code, out, err = cli(
+        capsys, "export", "--checkpoint", CK12, "--dtype", "bfloat16", "--out", "hf16"
+    )
+    assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open("hf16/model.safetensors", framework="pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
+    for path in [Path("hf16"), *Path("hf16").iterdir()]:
+        assert path.stat().st_mode & stat.S_IRGRP, path
+
+
+def test_an_architecture_llama_cpp_layout_does_not_cover_is_refused_before_writing(
+    tmp_path: Path, sample_dir: Path, capsys, monkeypatch
+) -> None:
+    from tests.conftest import build_tiny_model, tiny_settings, write_config
+
+    from sftrun.cli import main
+
+    texts = (sample_dir / "train.jsonl").read_text().splitlines()
+    gemma = build_tiny_model(tmp_path / "gemma2", texts, "gemma2")
+    monkeypatch.chdir(tmp_path)
+    settings = tiny_settings(gemma, sample_dir, eval_file=None, max_steps=1)
+    write_config(tmp_path / "config.yaml", settings)
+    assert main(["train", "-y", "--config", "config.yaml"]) == 0
+    capsys.readouterr()
+    before = tree(tmp_path)
+    ckpt = str(OUT / "checkpoint-1")
+    code, _, err = cli(capsys, "export", "--checkpoint", ckpt, "--format", "gguf")
+    assert code == 5
+    said = one_line_error(err)
+    assert "GGUF export supports llama, mistral, qwen2 models; this base is 'gemma2'" in said
+    assert changed(before, tree(tmp_path), ignore=("outputs/logs",)) == set()
+
+
+def test_a_gguf_export_never_replaces_an_hf_export_of_the_same_checkpoint(
+    run: Path, workdir: Path, capsys
+) -> None:
+    assert cli(capsys, "export", "--checkpoint", CK12, "--out", "export")[0] == 0
+    before = tree(workdir / "export")
+    code, _, err = cli(
+        capsys, "export", "--checkpoint", CK12, "--format", "gguf", "--out", "export"
+    )
+    assert code == 4 and "is not an earlier export of" in one_line_error(err)
+    assert tree(workdir / "export") == before
