@@ -46,7 +46,7 @@ test: install-test lint
 
 # The edit loop: everything but the slow tiers (real processes, the real model); ~1 min.
 test-fast: install-test
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 -m "not slow"
 
 # Side by side with TRL's SFTTrainer on the same work (TRL is a bench-only dependency), then
 # where a step goes, the fused-GEMM candidate, the older TRL comparison, one process against
