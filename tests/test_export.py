@@ -122,3 +122,18 @@ def test_a_gguf_export_never_replaces_an_hf_export_of_the_same_checkpoint(
     )
     assert code == 4 and "is not an earlier export of" in one_line_error(err)
     assert tree(workdir / "export") == before
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_before_anything_is_written(
+    run: Path, workdir: Path, capsys
+) -> None:
+    from sftrun import fs
+
+    usage = fs.ops().disk_usage(workdir)
+    before = tree(workdir)
+    with fs.replaced(disk_usage=lambda p: usage._replace(free=1000)):
+        code, _, err = cli(capsys, "export", "--checkpoint", CK12, "--format", "gguf")
+    assert code == 6
+    said = one_line_error(err)
+    assert "not enough disk space in" in said and "for the gguf export in q8_0" in said
+    assert changed(before, tree(workdir), ignore=("outputs/logs",)) == set()

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from sftrun import constants as C
-from sftrun import gguf_export, integrity, snapshot
+from sftrun import fs, gguf_export, integrity, snapshot
 from sftrun.config import LoraSettings
-from sftrun.errors import CheckpointError, ModelError
+from sftrun.errors import CheckpointError, DiskSpaceError, ModelError
 from sftrun.hooks import RunHooks
 from sftrun.modeling import (
     Backend,
@@ -37,6 +37,7 @@ from sftrun.modeling import (
     restore_adapter,
     weights_sha256,
 )
+from sftrun.monitor import fmt_bytes
 from sftrun.safefile import read_json_object
 from sftrun.snapshot import MODEL_PATH_ABSOLUTE
 
@@ -141,6 +142,7 @@ def export(
     loaded = load_adapter_model(ckpt, base)
     if fmt == "gguf":
         gguf_export.check_exportable(loaded.model.get_base_model().config, loaded.tokenizer)
+    _check_room(target, loaded.model, fmt, dtype if fmt == "hf" else quant)
     probe = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Check the merge."}],
         add_generation_prompt=True,
@@ -174,6 +176,28 @@ def export(
         else ""
     )
     return {"path": str(target), "note": note, **report}
+
+
+# Bytes per weight of each output precision (q8_0: 34 bytes per 32 weights; q4_0: 18).
+BYTES_PER_WEIGHT = {"float32": 4.0, "f32": 4.0, "float16": 2.0, "bfloat16": 2.0, "f16": 2.0}
+BYTES_PER_WEIGHT |= {"bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def _check_room(target: Path, model: Any, fmt: str, precision: str) -> None:
+    """Refuse, before anything is written, an export the disk under ``--out`` cannot hold
+    (the new files are written beside it first, so an earlier export does not count)."""
+    weights = sum(p.numel() for p in model.parameters())
+    need = int(weights * BYTES_PER_WEIGHT[precision] * 1.05) + (64 << 20)  # + tokenizer, slack
+    probe = target.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = fs.ops().disk_usage(probe).free
+    if free < need:
+        raise DiskSpaceError(
+            f"not enough disk space in {probe} for the {fmt} export in {precision}: about "
+            f"{fmt_bytes(need)} needed, {fmt_bytes(free)} free; free some space or pass --out "
+            "on a larger disk"
+        )
 
 
 def _write_hf(

@@ -71,7 +71,7 @@ def write(
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
     try:
         _write_hyperparameters(writer, cfg, name, getattr(gguf.LlamaFileType, file_type))
-        _write_tokenizer(writer, tokenizer, cfg.vocab_size, chat_template)
+        _write_tokenizer(writer, tokenizer, cfg.vocab_size, chat_template, cfg.model_type)
         kept_f16 = _write_tensors(writer, model, arch, gguf.GGMLQuantizationType[tensor_type])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -111,7 +111,17 @@ def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     return json.loads(backend.to_str()) if backend is not None else {}
 
 
-def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, template: str | None) -> None:
+def _pre_tokenizer(tokenizer: Any, model_type: str) -> str:
+    """llama.cpp's name for how text is split before BPE: Qwen2's and SmolLM2's own, GPT-2's
+    for any other byte-level BPE (llama.cpp's converter identifies others by hashing)."""
+    if model_type == "qwen2":
+        return "qwen2"
+    return "smollm" if "smollm" in str(tokenizer.name_or_path).lower() else "gpt2"
+
+
+def _write_tokenizer(
+    writer: Any, tokenizer: Any, vocab_size: int, template: str | None, model_type: str
+) -> None:
     import gguf
 
     vocab = tokenizer.get_vocab()
@@ -130,9 +140,7 @@ def _write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, template: str
             types[index] = gguf.TokenType.NORMAL
     merges = _tokenizer_json(tokenizer)["model"].get("merges", [])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(
-        "smollm" if "smollm" in str(tokenizer.name_or_path).lower() else "gpt2"
-    )
+    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, model_type))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
