@@ -204,12 +204,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``sftrun export`` (and ``sftrun merge``, its float32 HF form): stage 5, the adapter
     merged into the base as an HF folder or a GGUF file, read back by a reader we did not
     write before it lands."""
-    from sftrun.export import default_export_dir, export
+    from sftrun.export import export
+    from sftrun.exportdir import default_export_dir, precision_of
 
-    fmt = getattr(args, "format", "hf")
-    suffix = "" if fmt == "hf" and args.dtype == "float32" else f"-{fmt}-"
-    suffix += "" if not suffix else (args.quant if fmt == "gguf" else args.dtype)
-    out = args.out or f"{default_export_dir(args.checkpoint)}{suffix}"
+    fmt = args.format
+    precision = precision_of(fmt, args.dtype, args.quant)
+    out = args.out or default_export_dir(args.checkpoint, fmt, precision)
     report = export(
         args.checkpoint,
         out,
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
             "[-<format>-<precision>])",
         )
         mg.add_argument("--base", help="base model folder (default: the one it was trained on)")
-        mg.set_defaults(func=cmd_export, quant="q8_0")
+        mg.set_defaults(func=cmd_export, format="hf", quant="q8_0")
 
     ch = sub_parser(sub, "chat", "chat with the fine-tuned model")
     ch.add_argument("--checkpoint", required=True, help="checkpoint folder")

@@ -1,24 +1,18 @@
 """Using a trained adapter: load it from a checkpoint, merge it into the base (stage 5), chat.
 
-Owns ``sftrun merge`` and ``sftrun chat``. Reads checkpoints only through ``checkpoint.load``
-(verified, no unpickling), and checks that the base model is the one the adapter was trained
-on before using it. An export folder carries a marker (``.sftrun-export.json``) naming the
-checkpoint it came from and the files the export wrote; merge replaces only those files of an
-earlier export of the same checkpoint (a file the user added stays), never deletes a folder,
-and of two merges racing for one new folder only one succeeds.
+Owns ``sftrun export`` (an HF folder in float32/bf16/fp16, or a GGUF file through
+``gguf_export``), ``sftrun merge`` (its float32 HF form) and ``sftrun chat``. Reads checkpoints
+only through ``snapshot.load`` (verified, no unpickling), checks that the base model is the one
+the adapter was trained on, and reads every export back with transformers before it lands in
+its folder (``exportdir``: the marker, the claim of a new folder, replacing only its own files).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
-import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +20,10 @@ from typing import Any
 import torch
 
 from sftrun import constants as C
-from sftrun import fs, gguf_export, integrity, snapshot
+from sftrun import fs, gguf_export, snapshot
 from sftrun.config import LoraSettings
-from sftrun.errors import CheckpointError, DiskSpaceError, ModelError
+from sftrun.errors import DiskSpaceError, ModelError
+from sftrun.exportdir import check_export_target, export_marker, precision_of, readable, replace
 from sftrun.hooks import RunHooks
 from sftrun.modeling import (
     Backend,
@@ -38,7 +33,6 @@ from sftrun.modeling import (
     weights_sha256,
 )
 from sftrun.monitor import fmt_bytes
-from sftrun.safefile import read_json_object
 from sftrun.snapshot import MODEL_PATH_ABSOLUTE
 
 PLAIN = Backend("plain", "inference")
@@ -102,13 +96,12 @@ def load_base_model(
     return Loaded(model, tokenizer, base_path, {}, {})
 
 
-FORMATS = ("hf", "gguf")
-DTYPES = ("float32", "bfloat16", "float16")
 # How far the reloaded export's logits may be from the adapter model's, as a share of the
 # largest logit, per precision (a quantized GGUF is reported, not judged: its error is the
 # quantization's). f16 rounds to 11 significant bits, bf16 to 8.
 TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
-TOLERANCE |= {"f32": TOLERANCE["float32"], "f16": TOLERANCE["float16"], "bf16": 5e-2}
+GGUF_FLOAT = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # the same precisions
+TOLERANCE |= {quant: TOLERANCE[dtype] for quant, dtype in GGUF_FLOAT.items()}
 
 
 def merge(
@@ -133,16 +126,17 @@ def export(
 
     Written in a private folder beside ``out``, reloaded by a reader sftrun did not write
     (transformers, with its GGUF loader for GGUF) and its logits compared with the adapter
-    model's, then moved into place (see :func:`_replace`). Refusals (architecture, folder)
+    model's, then moved into place (see :func:`replace`). Refusals (architecture, folder)
     come before the slow part.
     """
     target = Path(out)
-    marker = {**_export_marker(ckpt), "format": fmt, "precision": dtype if fmt == "hf" else quant}
-    fresh = _check_export_target(target, marker, ckpt)  # before the slow part
+    precision = precision_of(fmt, dtype, quant)
+    marker = {**export_marker(ckpt), "format": fmt, "precision": precision}
+    fresh = check_export_target(target, marker, ckpt)  # before the slow part
     loaded = load_adapter_model(ckpt, base)
     if fmt == "gguf":
         gguf_export.check_exportable(loaded.model.get_base_model().config, loaded.tokenizer)
-    _check_room(target, loaded.model, fmt, dtype if fmt == "hf" else quant)
+    _check_room(target, loaded.model, fmt, precision)
     probe = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Check the merge."}],
         add_generation_prompt=True,
@@ -162,9 +156,9 @@ def export(
             report = _write_hf(loaded, merged, tmp, dtype, probe, want)
         marker["files"] = sorted(p.name for p in tmp.iterdir())  # what a re-export replaces
         (tmp / C.EXPORT_MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _readable(tmp)
+        readable(tmp)
         (hooks or RunHooks()).before_export_lands(target)
-        _replace(tmp, target, marker, ckpt, fresh)
+        replace(tmp, target, marker, ckpt, fresh)
     finally:
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp)  # made above by this call
@@ -179,8 +173,14 @@ def export(
 
 
 # Bytes per weight of each output precision (q8_0: 34 bytes per 32 weights; q4_0: 18).
-BYTES_PER_WEIGHT = {"float32": 4.0, "f32": 4.0, "float16": 2.0, "bfloat16": 2.0, "f16": 2.0}
-BYTES_PER_WEIGHT |= {"bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+BYTES_PER_WEIGHT = {
+    "float32": 4.0,
+    "float16": 2.0,
+    "bfloat16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+}
+BYTES_PER_WEIGHT |= {quant: BYTES_PER_WEIGHT[dtype] for quant, dtype in GGUF_FLOAT.items()}
 
 
 def _check_room(target: Path, model: Any, fmt: str, precision: str) -> None:
@@ -207,17 +207,26 @@ def _write_hf(
 
     merged.to(getattr(torch, dtype)).save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    diff, _ = _compare(reloaded, probe, want, dtype, "the merged model")
+    return {"max_abs_logit_diff": diff, "reader": "transformers"}
+
+
+def _compare(
+    reloaded: Any, probe: Any, want: torch.Tensor, precision: str, what: str
+) -> tuple[float, float]:
+    """The reloaded export's largest logit difference to the adapter model and the share of
+    positions with the same next token; refused past the precision's :data:`TOLERANCE`."""
     with torch.no_grad():
-        got = reloaded(**probe).logits
+        got = reloaded.eval()(**probe).logits
     diff = float((got - want).abs().max())
-    if diff > TOLERANCE[dtype] * max(1.0, float(want.abs().max())):
+    if precision in TOLERANCE and diff > TOLERANCE[precision] * max(1.0, float(want.abs().max())):
         raise ModelError(
-            f"the merged model's logits differ from the adapter's by {diff:.2e} in {dtype}, "
-            f"more than {TOLERANCE[dtype]:g} of the largest logit; export in float32 and "
+            f"{what}'s logits differ from the adapter's by {diff:.2e} in {precision}, more "
+            f"than {TOLERANCE[precision]:g} of the largest logit; export in float32 and "
             "report this"
         )
-    return {"max_abs_logit_diff": diff, "reader": "transformers"}
+    return diff, float((got.argmax(-1) == want.argmax(-1)).float().mean())
 
 
 def _write_gguf(
@@ -250,15 +259,7 @@ def _write_gguf(
     if tokenizer.chat_template != template:
         raise ModelError(f"{path.name}: its chat template is not the one the run trained with")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32)
-    with torch.no_grad():
-        got = reloaded.eval()(**probe).logits
-    diff = float((got - want).abs().max())
-    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    if quant in TOLERANCE and diff > TOLERANCE[quant] * max(1.0, float(want.abs().max())):
-        raise ModelError(
-            f"{path.name}: its logits differ from the adapter's by {diff:.2e}, more than "
-            f"{TOLERANCE[quant]:g} of the largest logit"
-        )
+    diff, agree = _compare(reloaded, probe, want, quant, path.name)
     return {
         "max_abs_logit_diff": diff,
         "top1_agreement": agree,
@@ -266,119 +267,6 @@ def _write_gguf(
         "gguf": path.name,
         "not_quantized": written["not_quantized"],
     }
-
-
-def _readable(folder: Path) -> None:
-    """The export as readable as a downloaded model folder: the folder 0755, files 0644
-    (mkdtemp made them private), less what the umask withholds."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o755 & ~mask)
-    for path in folder.iterdir():
-        if path.is_file() and not path.is_symlink():
-            path.chmod(0o644 & ~mask)
-
-
-def _export_marker(ckpt: str | Path) -> dict[str, Any]:
-    manifest = integrity.read_manifest(Path(ckpt))
-    return {
-        "checkpoint": str(Path(ckpt).resolve()),
-        "run_id": manifest.get("run_id"),
-        "step": manifest["step"],
-        "adapter_sha256": manifest["files"][C.ADAPTER_WEIGHTS_FILE]["sha256"],
-    }
-
-
-def _read_marker(folder: Path) -> dict[str, Any] | None:
-    return read_json_object(folder / C.EXPORT_MARKER_FILE, 1 << 20)
-
-
-def _same_export(folder: Path, marker: dict[str, Any]) -> bool:
-    found = _read_marker(folder)
-    keys = ("run_id", "step", "adapter_sha256", "format", "precision")
-    # An export from before formats existed is the float32 HF one.
-    old = {"format": "hf", "precision": "float32", **(found or {})}
-    return found is not None and all(old.get(k) == marker[k] for k in keys)
-
-
-def _check_export_target(target: Path, marker: dict[str, Any], ckpt: str | Path) -> bool:
-    """Refuse an ``--out`` that is not new, empty, or an export of this same checkpoint;
-    True when it is new or empty (then it must still be so when the export lands)."""
-    if target.is_symlink():
-        raise CheckpointError(f"--out {target} is a symbolic link; pass a real folder path")
-    if not target.exists():
-        return True
-    if not target.is_dir():
-        raise CheckpointError(f"--out {target} is a file; pass a folder path")
-    if not any(target.iterdir()):
-        return True
-    if not _same_export(target, marker):
-        raise CheckpointError(
-            f"--out {target} is not empty and is not an earlier export of {ckpt}; sftrun "
-            "replaces only its own export of the same checkpoint; pass a new folder"
-        )
-    return False
-
-
-@contextlib.contextmanager
-def _folder_lock(target: Path, ckpt: str | Path) -> Iterator[None]:
-    """An exclusive lock on the export folder itself (no file is added to it)."""
-    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CheckpointError(
-                f"--out {target} is being written by another merge of {ckpt}; wait for it, "
-                "or pass another folder"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _replace(
-    tmp: Path, target: Path, marker: dict[str, Any], ckpt: str | Path, fresh: bool
-) -> None:
-    """Put the finished export in place.
-
-    A folder that was new or empty when the merge started is claimed by one rename, which
-    fails when anything got there first (of two merges racing for one folder, one succeeds).
-    An earlier export of the same checkpoint has the files its marker lists replaced one by
-    one, under a lock on the folder; files the user added there are left as they are.
-    """
-    lost = CheckpointError(
-        f"--out {target} was written by another command while this merge ran; it was left "
-        "as that command wrote it; pass another folder"
-    )
-    if fresh:
-        try:
-            os.rename(tmp, target)  # onto a missing or empty folder only
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise lost from None
-            raise
-        return
-    with _folder_lock(target, ckpt):
-        if any(target.iterdir()) and not _same_export(target, marker):
-            raise lost  # checked before the slow part; changed since
-        old = _read_marker(target) or {}
-        ours = set(old.get("files") or []) | set(marker["files"])
-        for name in marker["files"]:
-            os.replace(tmp / name, target / name)
-        for name in sorted(ours - set(marker["files"])):  # the old export's, not written now
-            path = target / name
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-        os.replace(tmp / C.EXPORT_MARKER_FILE, target / C.EXPORT_MARKER_FILE)  # last
-
-
-def default_export_dir(ckpt: str | Path) -> Path:
-    """``outputs/5_export/<run id>-checkpoint-<step>``: two runs never share a default."""
-    run_id = integrity.run_id_of(Path(ckpt))
-    name = Path(ckpt).resolve().name
-    prefix = run_id[:8] if run_id else Path(ckpt).resolve().parent.name
-    return Path(C.EXPORT_DIR) / f"{prefix}-{name}"
 
 
 def chat(

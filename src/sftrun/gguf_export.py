@@ -7,14 +7,13 @@ and Mistral as Llama; Qwen2), the hyper-parameters, the tensors under llama.cpp'
 which transformers' GGUF loader undoes), the BPE tokenizer (tokens, token types, merges,
 special ids) and the chat template the run trained with. Every other architecture or
 tokenizer kind is refused with its name before anything is written. The file is written
-beside its final name and renamed into place; the caller (``export``) checks it by loading
-it back with transformers' GGUF loader.
+where the caller says: ``export`` writes it into its private folder, which lands (or is
+removed) as a whole, after it has loaded the file back with transformers' GGUF loader.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +42,17 @@ LOW_BIT = {"Q4_0"}
 def check_exportable(model_config: Any, tokenizer: Any) -> str:
     """The gguf architecture for this model; a one-line refusal for what llama.cpp's layout
     here does not cover (another architecture, a tokenizer that is not byte-level BPE)."""
+    return _check(model_config, _tokenizer_json(tokenizer))
+
+
+def _check(model_config: Any, tokenizer_json: dict[str, Any]) -> str:
     kind = getattr(model_config, "model_type", "?")
     if kind not in ARCHITECTURES:
         raise ModelError(
             f"GGUF export supports {', '.join(sorted(ARCHITECTURES))} models; this base is "
             f"{kind!r}; export it with --format hf (transformers, vLLM and TGI read that)"
         )
-    model = _tokenizer_json(tokenizer).get("model", {})
+    model = tokenizer_json.get("model", {})
     if model.get("type") != "BPE":
         raise ModelError(
             f"GGUF export writes byte-level BPE tokenizers; this base's tokenizer is "
@@ -64,24 +67,22 @@ def write(
     """Write ``model`` (merged, float) as GGUF at ``path``; return what was written."""
     import gguf
 
-    arch = gguf.MODEL_ARCH[check_exportable(model.config, tokenizer)]
+    tokenizer_json = _tokenizer_json(tokenizer)
+    arch = gguf.MODEL_ARCH[_check(model.config, tokenizer_json)]
     tensor_type, file_type = QUANTS[quant]
     cfg = model.config
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    merges = tokenizer_json["model"].get("merges", [])
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     try:
         _write_hyperparameters(writer, cfg, name, getattr(gguf.LlamaFileType, file_type))
-        _write_tokenizer(writer, tokenizer, cfg.vocab_size, chat_template, cfg.model_type)
+        pre = _pre_tokenizer(tokenizer, cfg.model_type)
+        _write_tokenizer(writer, tokenizer, merges, pre, cfg.vocab_size, chat_template)
         kept_f16 = _write_tensors(writer, model, arch, gguf.GGMLQuantizationType[tensor_type])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
     finally:
         writer.close()
-        if tmp.exists():
-            tmp.unlink()
     return {"path": str(path), "quant": quant, "not_quantized": kept_f16}
 
 
@@ -120,7 +121,7 @@ def _pre_tokenizer(tokenizer: Any, model_type: str) -> str:
 
 
 def _write_tokenizer(
-    writer: Any, tokenizer: Any, vocab_size: int, template: str | None, model_type: str
+    writer: Any, tokenizer: Any, merges: list[Any], pre: str, vocab_size: int, template: str | None
 ) -> None:
     import gguf
 
@@ -138,9 +139,8 @@ def _write_tokenizer(
             types[index] = gguf.TokenType.USER_DEFINED
         else:
             types[index] = gguf.TokenType.NORMAL
-    merges = _tokenizer_json(tokenizer)["model"].get("merges", [])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, model_type))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])

@@ -261,7 +261,7 @@ def _precision(plan: RunPlan) -> str:
         "bfloat16": "bfloat16 (autocast)",
         "float16": "float16 (autocast, loss scaling)",
     }.get(plan.dtype, plan.dtype)
-    if plan.dtype_why and plan.dtype_why != "as configured":
+    if plan.dtype_why:
         text += f" [{plan.dtype_why}]"
     q = plan.cfg.quantization
     if q is not None:

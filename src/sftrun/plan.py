@@ -63,7 +63,7 @@ class RunPlan:
 
     cfg: TrainingConfig
     dtype: str
-    dtype_why: str = ""  # how dtype was resolved (the summary says it)
+    dtype_why: str = ""  # how ``auto`` was resolved (the summary says it); "" when configured
     out: Path
     backend: Backend
     tokenizer: Any

@@ -144,7 +144,7 @@ def resolved_dtype(
     and on a CPU with native bf16 (``cpu``, see ``hardware``), fp32 on any other CPU. An
     explicit value is itself (and must match the checkpoint's, as before)."""
     if cfg.dtype != "auto":
-        return cfg.dtype, "as configured"
+        return cfg.dtype, ""  # as configured: nothing to explain
     if saved in ("float32", "bfloat16", "float16"):
         return saved, "auto, kept from the checkpoint"
     if cuda:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from sftrun import rng
+from sftrun import checkpoint, rng
+from sftrun import constants as C
 from sftrun.checkpoint import CheckpointPayload
 from sftrun.errors import CheckpointError
 
@@ -137,17 +138,17 @@ class RunSnapshot:
         rng_states = ranks if ranks is not None else [payload.rng_state]
         problem = None
         if not isinstance(world, int) or world < 1:
-            problem = f"training_args.bin says {WORLD_SIZE}={world!r}"
+            problem = f"{C.TRAINING_ARGS_FILE} says {WORLD_SIZE}={world!r}"
         elif not isinstance(schedule, dict):
-            problem = "scheduler.pt holds no LR schedule"
+            problem = f"{C.SCHEDULER_FILE} holds no LR schedule"
         elif scaler is not None and not isinstance(scaler, dict):
-            problem = "scheduler.pt holds a loss-scaler state that is not a mapping"
+            problem = f"{C.SCHEDULER_FILE} holds a loss-scaler state that is not a mapping"
         elif not isinstance(rng_states, list) or len(rng_states) != world:
             problem = (
-                f"rng_state.pth does not hold one random state for each of {world} process(es)"
+                f"{C.RNG_STATE_FILE} does not hold one random state for each of {world} process(es)"
             )
         elif not all(isinstance(r, dict) for r in rng_states):
-            problem = "rng_state.pth holds a random state that is not a mapping"
+            problem = f"{C.RNG_STATE_FILE} holds a random state that is not a mapping"
         if problem is not None or not isinstance(schedule, dict):
             raise CheckpointError(f"{path}: {problem}; this checkpoint was not written by sftrun")
         return cls(
@@ -166,8 +167,6 @@ class RunSnapshot:
 
 def load(path: Path) -> RunSnapshot:
     """The verified checkpoint at ``path`` (see checkpoint.load) as a snapshot."""
-    from sftrun import checkpoint
-
     return RunSnapshot.from_payload(checkpoint.load(path)[0], path)
 
 
@@ -188,6 +187,6 @@ def check_optimizer_fits(
                     problem += f"{tuple(param.shape)}"
     if problem is not None:
         raise CheckpointError(
-            f"{source}: optimizer.pt does not fit this adapter ({problem}); "
+            f"{source}: {C.OPTIMIZER_FILE} does not fit this adapter ({problem}); "
             "resume with the LoRA settings the checkpoint was made with"
         )
