@@ -103,6 +103,25 @@ def cmd_ckpt_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt_import(args: argparse.Namespace) -> int:
+    """``sftrun ckpt import``: a Hugging Face Trainer / TRL / Unsloth checkpoint becomes the
+    first checkpoint of a new sftrun run in output_dir (the source folder is only read)."""
+    import shlex
+
+    from sftrun.config import load_config
+    from sftrun.hfimport import import_checkpoint
+
+    cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
+    done = import_checkpoint(cfg, Path(args.source))
+    for note in done.notes:
+        print(f"note: {note}")
+    settings = ["--config", args.config] if os.path.exists(args.config) else []
+    again = shlex.join(["sftrun", "train", "--resume", str(done.path), "-y", *settings])
+    print(f"imported step {done.step} of {done.planned} into {done.path}")
+    print(f"continue it with: {again} {shlex.join(args.overrides)}".rstrip())
+    return 0
+
+
 def cmd_ckpt_verify(args: argparse.Namespace) -> int:
     """``sftrun ckpt verify``: hash every file against its manifest; exit 1 if any fails."""
     from sftrun import integrity, runfolder
@@ -178,6 +197,15 @@ def add_ckpt_parsers(sub: Any) -> None:
     )
     config_args(inspect)
     inspect.set_defaults(func=cmd_ckpt_inspect)
+    imp = sub_parser(
+        ckpt,
+        "import",
+        "continue a Hugging Face Trainer / TRL / Unsloth LoRA checkpoint: write it into "
+        "output_dir as a new run's checkpoint (adapter, optimizer, LR position, data order)",
+    )
+    imp.add_argument("source", help="the HF checkpoint-<step> folder (only read)")
+    config_args(imp)
+    imp.set_defaults(func=cmd_ckpt_import)
     verify = sub_parser(ckpt, "verify", "check files against the manifest (exit 0/1)")
     verify.add_argument("checkpoints", nargs="*", help="checkpoint folders (default: --all)")
     verify.add_argument("--all", action="store_true", help="every checkpoint in output_dir")

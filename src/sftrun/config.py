@@ -161,6 +161,11 @@ class TrainingConfig(BaseModel):
         "auto", description="Model backend: Unsloth where it imports and CUDA is there."
     )
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
+    init_adapter: str | None = Field(
+        None,
+        description="Start a new run from this PEFT LoRA adapter folder (adapter_model."
+        "safetensors + adapter_config.json) instead of a fresh adapter; null: fresh.",
+    )
     quantization: QuantizationSettings | None = Field(
         None, description="A k-bit frozen base (QLoRA); null: the base in the compute dtype."
     )

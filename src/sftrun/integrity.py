@@ -17,7 +17,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors.torch
 import torch
@@ -77,6 +77,8 @@ class TrainerStateView(BaseModel):
     best_model_checkpoint: str | None = None
     run_id: str | None = None
     tracker_runs: dict[str, str] = Field(default_factory=dict)
+    data_order: Literal["sftrun", "hf-trainer"] | None = None  # sampler.ORDERS
+    data_seed: int | None = Field(None, strict=True)
 
 
 def schema_problem(exc: ValidationError) -> str:
@@ -128,6 +130,18 @@ def _check_folder(path: Path) -> None:
         raise CheckpointError(f"{path} is a file, not a checkpoint folder")
 
 
+def _hf_trainer_layout(path: Path) -> bool:
+    """HF Trainer's files, and a trainer state sftrun did not write (it has no samples_seen)."""
+    if not (path / C.OPTIMIZER_FILE).is_file():
+        return False
+    try:
+        raw = read_small(path, C.TRAINER_STATE_FILE, C.MAX_MANIFEST_BYTES * 64)
+        state = json.loads(raw)
+    except (CheckpointError, ValueError, RecursionError):
+        return False
+    return isinstance(state, dict) and "global_step" in state and "samples_seen" not in state
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """The folder's manifest, validated (schema, plain file names, step = folder number)."""
     _check_folder(path)
@@ -135,6 +149,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raw = read_small(path, C.MANIFEST_FILE, C.MAX_MANIFEST_BYTES)
     except CheckpointError as exc:
         if str(exc).endswith(f"{C.MANIFEST_FILE} is missing"):
+            if _hf_trainer_layout(path):
+                raise CheckpointError(  # a finished save of another tool, not a broken one
+                    f"{path}: a Hugging Face Trainer checkpoint (no sftrun {C.MANIFEST_FILE}); "
+                    f"continue it in sftrun with: sftrun ckpt import {path} --config <config>"
+                ) from None
             raise CheckpointError(
                 f"{path}: {C.MANIFEST_FILE} is missing, so the save did not finish"
             ) from None

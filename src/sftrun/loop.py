@@ -149,13 +149,15 @@ def _optimizer_step(ctx: Loop) -> StepStats:
     """
     cfg, plan, acc = ctx.cfg, ctx.plan, ctx.acc
     t0 = time.perf_counter()
-    step = plan.state.global_step
+    state = plan.state
+    step = state.global_step
     lr = plan.schedule.lr(step)
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    seed = cfg.seed if state.data_seed is None else state.data_seed
     samples = step_indices(
-        cfg.seed, len(plan.train_data), plan.state.samples_seen, plan.global_batch
+        seed, len(plan.train_data), state.samples_seen, plan.global_batch, state.data_order
     )
     ctx.hooks.on_samples(step, samples)
     pad_id = _pad_id(ctx.peft_model)

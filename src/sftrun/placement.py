@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
-from sftrun import distributed, fs, memory, rng
-from sftrun.errors import DiskSpaceError
+from sftrun import distributed, fs, hfckpt, memory, rng
+from sftrun.config import TrainingConfig
+from sftrun.errors import ConfigError, DiskSpaceError
 from sftrun.hooks import RunHooks
-from sftrun.modeling import (
-    load_lora_model,
-    trainable_parameters,
-)
-from sftrun.monitor import (
-    fmt_bytes,
-)
+from sftrun.modeling import load_lora_model, restore_adapter, trainable_parameters
+from sftrun.monitor import fmt_bytes
 from sftrun.plan import RunPlan
 
 log = logging.getLogger("sftrun")
@@ -88,9 +84,26 @@ def build_model(plan: RunPlan, hooks: RunHooks) -> Model:
         gradient_checkpointing=cfg.gradient_checkpointing,
         quantization=cfg.quantization,
     )
+    if cfg.init_adapter and plan.snapshot is None:  # a resume has the checkpoint's adapter
+        start_from_adapter(peft_model, cfg)
     params = trainable_parameters(peft_model)
     n_total = sum(p.numel() for p in peft_model.parameters())
     return Model(peft_model, params, n_total, _check_disk(plan.out, params))
+
+
+def start_from_adapter(peft_model: Any, cfg: TrainingConfig) -> None:
+    """``init_adapter``: a new run's adapter starts from another run's (same LoRA shape)."""
+    folder = Path(str(cfg.init_adapter))
+    adapter_config, tensors = hfckpt.read_adapter(folder)
+    problems = hfckpt.lora_problems(adapter_config, cfg.lora)
+    problems = problems or hfckpt.fit_problems(adapter_config, tensors, peft_model)
+    if problems:
+        raise ConfigError(
+            f"init_adapter {folder}: {'; '.join(problems)}; set the config's lora settings as "
+            "the adapter was trained, or start without init_adapter"
+        )
+    restore_adapter(peft_model, tensors, folder)
+    log.info("started from the adapter in %s (%d tensors)", folder, len(tensors))
 
 
 def _check_disk(output_dir: Path, params: list[torch.nn.Parameter]) -> int:
@@ -122,7 +135,7 @@ def place(plan: RunPlan, acc: Any, model: Model, make_loss: Any) -> tuple[Any, A
         base = model.peft_model.get_base_model()
         layers = distributed.shard_frozen_layers(base, acc.device, set(model.params))
         log.info("FSDP: %d decoder layers sharded over %d processes", layers, plan.world)
-    optimizer = _optimizer(plan, model.peft_model)
+    optimizer = new_optimizer(plan, model.peft_model)
     # float16 only (accelerate has no fp16 on the CPU, so torch's scaler is used directly);
     # planning refused a float16 checkpoint without its scaler, before anything was touched.
     scaler = torch.amp.GradScaler(acc.device.type) if plan.dtype == "float16" else None
@@ -144,7 +157,7 @@ def place(plan: RunPlan, acc: Any, model: Model, make_loss: Any) -> tuple[Any, A
     return loss_module, optimizer, scaler
 
 
-def _optimizer(plan: RunPlan, peft_model: Any) -> torch.optim.Optimizer:
+def new_optimizer(plan: RunPlan, peft_model: Any) -> torch.optim.Optimizer:
     """AdamW over the adapter, with this run's settings."""
     cfg = plan.cfg
     return torch.optim.AdamW(

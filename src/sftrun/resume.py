@@ -103,6 +103,8 @@ TUNABLE = {
     "parallel": "new value for this launch (the same adapter and optimizer files either way: "
     "FSDP leaves the adapter whole)",
     "mirror_to": "checkpoints from the resume step on are copied there",
+    "init_adapter": "read only when a new run starts; a resume continues from the checkpoint's "
+    "own adapter",
 }
 
 # Settings that keep the checkpoint's value whatever the config now says, as (key, why); the

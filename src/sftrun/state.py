@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftrun.config import TrainingConfig
+from sftrun.sampler import SFTRUN
 
 
 def new_run_id() -> str:
@@ -35,6 +36,11 @@ class TrainState:
     run_id: str = field(default_factory=new_run_id)
     tensorboard_runs: list[str] = field(default_factory=list)
     tracker_runs: dict[str, str] = field(default_factory=dict)  # tracker -> its run id
+    # Which sampler order the run follows and its seed (None: the config's ``seed``); an
+    # imported Hugging Face run keeps its trainer's (sampler.HF_TRAINER, data_seed or seed).
+    data_order: str = SFTRUN
+    data_seed: int | None = None
+    imported_from: dict[str, Any] | None = None  # source folder, format and step of an import
 
     def to_dict(
         self, cfg: TrainingConfig, *, n_train: int, planned: int, global_batch: int
@@ -67,6 +73,9 @@ class TrainState:
             "run_id": self.run_id,
             "tensorboard_runs": self.tensorboard_runs,
             "tracker_runs": self.tracker_runs,
+            "data_order": self.data_order,
+            "data_seed": self.data_seed,
+            "imported_from": self.imported_from,
         }
 
     @classmethod
@@ -87,4 +96,7 @@ class TrainState:
             run_id=str(data.get("run_id") or new_run_id()),
             tensorboard_runs=[str(n) for n in data.get("tensorboard_runs", [])],
             tracker_runs={str(k): str(v) for k, v in (data.get("tracker_runs") or {}).items()},
+            data_order=str(data.get("data_order") or SFTRUN),
+            data_seed=data.get("data_seed"),
+            imported_from=data.get("imported_from"),
         )
