@@ -54,6 +54,55 @@ def test_a_gguf_export_reads_back_in_transformers_with_the_runs_tokens_and_templ
     assert modelfile.startswith(f"FROM ./{gguf}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
     marker = json.loads(Path("gg/.sftrun-export.json").read_text())
     assert marker["format"] == "gguf" and marker["precision"] == quant
+    # llama.cpp's name for the tiny tokenizer's split (GPT-2's regex), as gguf reads it back.
+    from gguf import GGUFReader
+
+    field = GGUFReader(f"gg/{gguf}").fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "gpt-2"
+
+
+@pytest.mark.parametrize(
+    ("pre", "model_type", "name"),
+    [
+        ({"type": "ByteLevel", "use_regex": True}, "llama", "gpt-2"),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel", "use_regex": True},
+                ],
+            },
+            "llama",
+            "smollm",
+        ),
+        (
+            {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]},
+            "qwen2",
+            "qwen2",
+        ),
+        ({"type": "Metaspace"}, "llama", None),
+        (
+            {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]},
+            "llama",
+            None,
+        ),
+    ],
+)
+def test_the_gguf_pre_tokenizer_is_named_from_what_the_tokenizer_does(
+    pre, model_type, name
+) -> None:
+    """Named from tokenizer.json's split, not from the model's name (the bundled SmolLM2,
+    converted by transformers, splits like GPT-2); a split llama.cpp has no name for here is
+    refused rather than served with other tokens than training saw."""
+    from sftrun.errors import ModelError
+    from sftrun.gguf_export import _pre_tokenizer
+
+    if name is None:
+        with pytest.raises(ModelError, match="export it with --format hf"):
+            _pre_tokenizer({"pre_tokenizer": pre}, model_type)
+    else:
+        assert _pre_tokenizer({"pre_tokenizer": pre}, model_type) == name
 
 
 def test_q4_0_is_a_quarter_of_f16_and_half_precision_hf_folders_are_group_readable(

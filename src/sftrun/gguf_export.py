@@ -58,6 +58,7 @@ def _check(model_config: Any, tokenizer_json: dict[str, Any]) -> str:
             f"GGUF export writes byte-level BPE tokenizers; this base's tokenizer is "
             f"{model.get('type', 'unknown')!r}; export it with --format hf"
         )
+    _pre_tokenizer(tokenizer_json, kind)  # refused here, before the slow part
     return ARCHITECTURES[kind]
 
 
@@ -75,7 +76,7 @@ def write(
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     try:
         _write_hyperparameters(writer, cfg, name, getattr(gguf.LlamaFileType, file_type))
-        pre = _pre_tokenizer(tokenizer, cfg.model_type)
+        pre = _pre_tokenizer(tokenizer_json, cfg.model_type)
         _write_tokenizer(writer, tokenizer, merges, pre, cfg.vocab_size, chat_template)
         kept_f16 = _write_tensors(writer, model, arch, gguf.GGMLQuantizationType[tensor_type])
         writer.write_header_to_file()
@@ -112,12 +113,25 @@ def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
     return json.loads(backend.to_str()) if backend is not None else {}
 
 
-def _pre_tokenizer(tokenizer: Any, model_type: str) -> str:
-    """llama.cpp's name for how text is split before BPE: Qwen2's and SmolLM2's own, GPT-2's
-    for any other byte-level BPE (llama.cpp's converter identifies others by hashing)."""
-    if model_type == "qwen2":
+def _pre_tokenizer(tokenizer_json: dict[str, Any], model_type: str) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE, read from what
+    tokenizer.json says it does (not from the model's name: the bundled SmolLM2, converted from
+    GGUF by transformers, splits like GPT-2, and training saw that). A split llama.cpp would do
+    differently from the tokenizer is refused: the served model would see other tokens."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"  # digits one by one, then GPT-2's split
+    if kinds == ["Split", "ByteLevel"] and model_type == "qwen2":
         return "qwen2"
-    return "smollm" if "smollm" in str(tokenizer.name_or_path).lower() else "gpt2"
+    raise ModelError(
+        "GGUF export names llama.cpp's GPT-2, SmolLM and Qwen2 pre-tokenizers; this tokenizer "
+        f"splits text with {' + '.join(str(k) for k in kinds) or 'nothing'}; export it with "
+        "--format hf"
+    )
 
 
 def _write_tokenizer(
