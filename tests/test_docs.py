@@ -34,6 +34,7 @@ def test_every_flag_in_the_readme_exists() -> None:
     known = _all_flags(build_parser()) | {"--logdir", "--port", "--host", "--no-deps"}
     known |= {"--standalone", "--nproc_per_node", "--multi_gpu"}  # the launchers'
     known |= {"--dist"}  # pytest-xdist's, in the test command
+    known |= {"--enable-lora", "--lora-modules"}  # vLLM's, in "Export and serve"
     mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z_-]*)", text))
     assert mentioned - known == set()
 
