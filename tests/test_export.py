@@ -105,6 +105,63 @@ def test_the_gguf_pre_tokenizer_is_named_from_what_the_tokenizer_does(
         assert _pre_tokenizer({"pre_tokenizer": pre}, model_type) == name
 
 
+def test_an_f16_gguf_writes_the_adapter_models_replies_to_the_held_out_prompts(
+    run: Path, workdir: Path, sample_dir: Path, capsys
+) -> None:
+    """Greedy generation through transformers' GGUF loader gives the adapter model's text on
+    the sample task's held-out prompts (formatted with the run's chat template)."""
+    from transformers import AutoModelForCausalLM
+
+    from sftrun.data import read_conversations
+    from sftrun.evaluate import split_prompt
+    from sftrun.export import load_adapter_model
+
+    args = ["--checkpoint", CK12, "--format", "gguf", "--quant", "f16", "--out", "gg"]
+    code, _, err = cli(capsys, "export", *args)
+    assert code == 0, err
+    loaded = load_adapter_model(CK12)
+    tok = loaded.tokenizer
+    served = AutoModelForCausalLM.from_pretrained(
+        "gg", gguf_file="model.f16.gguf", dtype=torch.float32
+    ).eval()
+    convs = read_conversations(sample_dir / "eval.jsonl")
+    assert len(convs) == 6
+    for conv in convs:
+        task = split_prompt(conv, tok)
+        assert task is not None
+        ids = tok(task[0], return_tensors="pt", add_special_tokens=False).input_ids
+        replies = []
+        for model in (loaded.model, served):
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            assert out.shape[1] > ids.shape[1]  # it generated something
+            replies.append(tok.decode(out[0, ids.shape[1] :]))
+        assert replies[0] == replies[1]
+
+
+def test_a_gguf_needs_a_chat_template_and_an_end_token() -> None:
+    """Checked before the slow part: without them llama.cpp and Ollama could not format a
+    conversation the way training did, or would never stop generating."""
+    from types import SimpleNamespace
+
+    from sftrun.errors import ModelError
+    from sftrun.gguf_export import check_tokenizer
+
+    vocab = {"a": 0, "<|im_end|>": 1}
+    good = {"chat_template": "{{ x }}", "eos_token": "<|im_end|>", "eos_token_id": 1}
+    check_tokenizer(SimpleNamespace(**good, get_vocab=lambda: vocab))
+    for change, said in (
+        ({"chat_template": None}, "needs a chat template"),
+        ({"eos_token_id": 7}, "eos_token '<|im_end|>' is not in it"),
+        ({"eos_token_id": None, "eos_token": None}, "eos_token None is unset"),
+    ):
+        with pytest.raises(ModelError, match="export with --format hf") as caught:
+            check_tokenizer(SimpleNamespace(**(good | change), get_vocab=lambda: vocab))
+        assert said in str(caught.value)
+
+
 def test_q4_0_is_a_quarter_of_f16_and_half_precision_hf_folders_are_group_readable(
     run: Path, workdir: Path, capsys
 ) -> None:

@@ -137,11 +137,15 @@ def export(
     if fmt == "gguf":
         gguf_export.check_exportable(loaded.model.get_base_model().config, loaded.tokenizer)
     _check_room(target, loaded.model, fmt, precision)
-    probe = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Check the merge."}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
+    probe = (
+        loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Check the merge."}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        if loaded.tokenizer.chat_template  # a run on plain text may have none (HF folders)
+        else loaded.tokenizer("Check the merge.", return_tensors="pt")
     )
     with torch.no_grad():
         want = loaded.model(**probe).logits

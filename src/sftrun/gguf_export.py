@@ -42,7 +42,27 @@ LOW_BIT = {"Q4_0"}
 def check_exportable(model_config: Any, tokenizer: Any) -> str:
     """The gguf architecture for this model; a one-line refusal for what llama.cpp's layout
     here does not cover (another architecture, a tokenizer that is not byte-level BPE)."""
+    check_tokenizer(tokenizer)
     return _check(model_config, _tokenizer_json(tokenizer))
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """What a served GGUF needs from the tokenizer: a chat template (llama.cpp and Ollama
+    format conversations with the one stored in the file) and an end token in the vocabulary
+    (else generation never stops)."""
+    if not tokenizer.chat_template:
+        raise ModelError(
+            "GGUF export needs a chat template and this run's tokenizer has none; set "
+            "chat_template (for example chatml) in the run's config, or export with --format hf"
+        )
+    eos, vocab = tokenizer.eos_token_id, tokenizer.get_vocab()
+    if eos is None or eos not in set(vocab.values()):
+        where = "unset" if eos is None else "not in it"
+        raise ModelError(
+            f"GGUF export needs an end-of-sequence token in the vocabulary (eos_token "
+            f"{getattr(tokenizer, 'eos_token', None)!r} is {where}); fix the base model's "
+            "tokenizer_config.json, or export with --format hf"
+        )
 
 
 def _check(model_config: Any, tokenizer_json: dict[str, Any]) -> str:
