@@ -141,6 +141,20 @@ def test_an_f16_gguf_writes_the_adapter_models_replies_to_the_held_out_prompts(
         assert replies[0] == replies[1]
 
 
+def test_only_a_template_translated_faithfully_gets_an_ollama_modelfile() -> None:
+    from sftrun.gguf_export import modelfile
+
+    chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    text, note = modelfile("model.q8_0.gguf", chatml + "{% endfor %}")
+    assert text is not None and note == ""
+    assert 'PARAMETER stop "<|im_end|>"' in text and "range .Messages" in text
+    llama3 = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{% endfor %}"
+    text, note = modelfile("model.q8_0.gguf", llama3)
+    assert text is None
+    assert note.startswith("no Ollama Modelfile: the run's chat template ('{% for m in messages")
+    assert "is not ChatML" in note
+
+
 def test_a_gguf_needs_a_chat_template_and_an_end_token() -> None:
     """Checked before the slow part: without them llama.cpp and Ollama could not format a
     conversation the way training did, or would never stop generating."""

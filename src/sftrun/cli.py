@@ -219,7 +219,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         base=args.base,
         hooks=args.hooks,
     )
-    what = "merged model + tokenizer" if fmt == "hf" else f"{report['gguf']} + Modelfile"
+    what = "merged model + tokenizer" if fmt == "hf" else report["gguf"]
+    what += " + Modelfile" if report.get("modelfile") else ""
     line = (
         f"wrote {report['path']}: {what}; reloaded with {report['reader']}, max logit "
         f"difference to the adapter model {report['max_abs_logit_diff']:.1e}"
@@ -230,11 +231,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             line += (
                 f"; kept in f16 (rows not a multiple of the block): {len(report['not_quantized'])}"
             )
-        line += f"\nserve: llama-server -m {report['path']}/{report['gguf']}  or  "
-        line += f"cd {report['path']} && ollama create NAME -f Modelfile"
+        line += f"\nserve: llama-server -m {report['path']}/{report['gguf']}"
+        if report["modelfile"]:
+            line += f"  or  cd {report['path']} && ollama create NAME -f Modelfile"
     print(line)
-    if report["note"]:
-        print(report["note"])
+    for note in (report["note"], report.get("modelfile_note")):
+        if note:
+            print(note)
     return 0
 
 

@@ -251,7 +251,9 @@ def _write_gguf(
     path = tmp / f"model.{quant}.gguf"
     template = loaded.tokenizer.chat_template
     written = gguf_export.write(merged, loaded.tokenizer, path, quant, name, template)
-    (tmp / "Modelfile").write_text(gguf_export.modelfile(path.name, template))
+    ollama, ollama_note = gguf_export.modelfile(path.name, template)
+    if ollama is not None:
+        (tmp / "Modelfile").write_text(ollama)
     tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=path.name)
     ids = probe["input_ids"]
     text = loaded.tokenizer.decode(ids[0])
@@ -270,6 +272,8 @@ def _write_gguf(
         "reader": "transformers' GGUF loader",
         "gguf": path.name,
         "not_quantized": written["not_quantized"],
+        "modelfile": ollama is not None,
+        "modelfile_note": ollama_note,
     }
 
 

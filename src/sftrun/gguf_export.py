@@ -249,13 +249,17 @@ CHATML_OLLAMA = """{{- range .Messages }}<|im_start|>{{ .Role }}
 """
 
 
-def modelfile(gguf_name: str, template: str | None) -> str:
-    """An Ollama Modelfile for the GGUF beside it (``ollama create NAME -f Modelfile``): a
-    ChatML template is written in Ollama's template language with its stop token; any other
-    is left to Ollama's reading of the GGUF's ``tokenizer.chat_template``."""
-    lines = [f"FROM ./{gguf_name}"]
+def modelfile(gguf_name: str, template: str | None) -> tuple[str | None, str]:
+    """An Ollama Modelfile for the GGUF beside it (``ollama create NAME -f Modelfile``) and a
+    note. ChatML is written in Ollama's template language with its stop token; any other
+    template is not translated (a wrong translation would serve other prompts than training
+    saw): no Modelfile, and the note names the template."""
     if template and "<|im_start|>" in template and "<|im_end|>" in template:
-        lines += [f'TEMPLATE """{CHATML_OLLAMA}"""', 'PARAMETER stop "<|im_end|>"']
-    else:
-        lines.append("# the chat template is the GGUF's own (tokenizer.chat_template)")
-    return "\n".join(lines) + "\n"
+        lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{CHATML_OLLAMA}"""']
+        return "\n".join([*lines, 'PARAMETER stop "<|im_end|>"']) + "\n", ""
+    start = " ".join(str(template).split())[:48]
+    return None, (
+        f"no Ollama Modelfile: the run's chat template ({start!r}...) is not ChatML, the one "
+        "template sftrun translates into Ollama's language; llama.cpp reads the template "
+        "stored in the GGUF"
+    )
