@@ -108,11 +108,15 @@ def cmd_ckpt_import(args: argparse.Namespace) -> int:
     first checkpoint of a new sftrun run in output_dir (the source folder is only read)."""
     import shlex
 
+    from sftrun import distributed
     from sftrun.config import load_config
     from sftrun.hfimport import import_checkpoint
 
     cfg = load_config(args.config if os.path.exists(args.config) else None, args.overrides)
-    done = import_checkpoint(cfg, Path(args.source))
+    try:
+        done = import_checkpoint(cfg, Path(args.source))
+    finally:
+        distributed.stop()  # planning may have formed the process group, as train's does
     for note in done.notes:
         print(f"note: {note}")
     settings = ["--config", args.config] if os.path.exists(args.config) else []

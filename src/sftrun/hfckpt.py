@@ -60,15 +60,6 @@ class HfCheckpoint:
         return seed if isinstance(seed, int) else None
 
 
-def looks_like_hf(path: Path) -> bool:
-    """A folder with HF Trainer's files and no sftrun manifest."""
-    return (
-        path.is_dir()
-        and (path / C.TRAINER_STATE_FILE).is_file()
-        and not (path / C.MANIFEST_FILE).exists()
-    )
-
-
 def _refuse(path: Path, what: str, fix: str) -> CheckpointError:
     return CheckpointError(f"{path}: {what}; {fix}")
 
@@ -109,6 +100,8 @@ def check_layout(path: Path) -> None:
 
 
 def _read(path: Path, name: str, limit: int) -> bytes:
+    """Not ``integrity.read_small``: that one refuses links, rightly for sftrun's own folders;
+    a source that is only read may be a hub-cache snapshot, whose files are links."""
     file = path / name
     if not file.is_file():
         raise _refuse(path, f"{name} is not a regular file", "pass the checkpoint folder itself")

@@ -90,7 +90,6 @@ def import_checkpoint(cfg: TrainingConfig, source: Path, hooks: RunHooks | None 
         path = checkpoint.save(plan.out, hf.step, snap.to_payload())
     finally:
         lock.release()
-        distributed.stop()
     return Imported(path, hf.step, plan.planned, notes)
 
 
@@ -155,34 +154,31 @@ def _check_base(name: Any, plan: RunPlan, notes: list[str]) -> list[str]:
     return []
 
 
-def hf_position(hf: HfCheckpoint, n: int, global_batch: int, micro: int, accum: int) -> int:
-    """Samples the source run consumed in HF Trainer's stream: whole epochs of ``n`` plus the
-    steps of the epoch in progress (HF's last step of an epoch may be short; sftrun's stream
-    continues into the next epoch's order instead, see docs/resume.md)."""
-    per_process = math.ceil(n * micro / global_batch)  # micro-batches per process per epoch
-    steps_per_epoch = math.ceil(per_process / accum)
-    epoch, in_epoch = divmod(hf.step, steps_per_epoch)
-    return epoch * n + in_epoch * global_batch
+def _source_split(hf: HfCheckpoint, cfg: TrainingConfig) -> tuple[Any, Any]:
+    """The source run's micro-batch and accumulation (per process), as its files say."""
+    micro = hf.train_batch_size or hf.args.get("per_device_train_batch_size")
+    return micro, hf.args.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
 
 
-def _expected_epoch(step: int, n: int, global_batch: int, micro: int, accum: int) -> float:
-    """``epoch`` in HF Trainer's state after ``step`` optimizer steps (fractional)."""
+def _hf_epoch(step: int, n: int, global_batch: int, micro: int, accum: int) -> tuple[int, int, int]:
+    """Where HF Trainer is after ``step`` optimizer steps: (whole epochs, steps into the epoch
+    in progress, micro-batches per process per epoch)."""
     per_process = math.ceil(n * micro / global_batch)
     epoch, in_epoch = divmod(step, math.ceil(per_process / accum))
-    return epoch + in_epoch * accum / per_process
+    return epoch, in_epoch, per_process
 
 
 def _check_batch(hf: HfCheckpoint, plan: RunPlan) -> list[str]:
     """The global batch: HF's micro-batch x accumulation x processes, the last confirmed by
     the epoch its state reached."""
-    cfg, n = plan.cfg, len(plan.train_data)
-    micro = hf.train_batch_size or hf.args.get("per_device_train_batch_size")
-    accum = hf.args.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+    n = len(plan.train_data)
+    micro, accum = _source_split(hf, plan.cfg)
     if not isinstance(micro, int) or not isinstance(accum, int) or micro < 1 or accum < 1:
         return ["the source run's batch size is unknown (trainer_state.json, training_args.bin)"]
     world, rest = divmod(plan.global_batch, micro * accum)
-    expected = _expected_epoch(hf.step, n, plan.global_batch, micro, accum)
-    if world < 1 or rest or _differs(expected, hf.epoch, 1e-6):
+    epoch, in_epoch, per_process = _hf_epoch(hf.step, n, plan.global_batch, micro, accum)
+    # HF's fractional epoch: micro-batches done over micro-batches per epoch.
+    if world < 1 or rest or _differs(epoch + in_epoch * accum / per_process, hf.epoch, 1e-6):
         return [
             f"global batch: the source run trained {micro} x {accum} per process (epoch "
             f"{hf.epoch:.6g} at step {hf.step} on {n} examples), which does not give this run's "
@@ -325,9 +321,11 @@ def _check_moments(name: str, moments: Any, shape: torch.Size, step: int) -> str
 def _state(hf: HfCheckpoint, plan: RunPlan) -> TrainState:
     """The run's counters at the source step: HF's data position and order, its history."""
     cfg, data = plan.cfg, plan.train_data
-    micro = hf.train_batch_size or cfg.per_device_train_batch_size
-    accum = hf.args.get("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
-    seen = hf_position(hf, len(data), plan.global_batch, micro, accum)
+    # Whole epochs plus the steps of the epoch in progress (checked in _check_batch). HF's last
+    # step of an epoch may be short; sftrun's stream continues into the next epoch's order
+    # instead (docs/resume.md).
+    epoch, in_epoch, _ = _hf_epoch(hf.step, len(data), plan.global_batch, *_source_split(hf, cfg))
+    seen = epoch * len(data) + in_epoch * plan.global_batch
     seed = hf.data_seed if hf.data_seed is not None else cfg.seed
     indices = sampler.step_indices(seed, len(data), 0, seen, sampler.HF_TRAINER)
     keys = ("step", "epoch", "loss", "learning_rate", "grad_norm", "eval_loss")
