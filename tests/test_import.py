@@ -247,6 +247,21 @@ def test_import_refusals_are_one_line_and_change_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("inside", ["", "/run"])
+def test_import_never_writes_into_its_source(
+    source: Path, workdir: Path, tiny_model: Path, sample_dir: Path, capsys, inside: str
+) -> None:
+    """output_dir pointed at the HF checkpoint, or below it: refused before the run lock or
+    anything else is made there."""
+    _config(workdir, tiny_model, sample_dir, output_dir=f"hf/checkpoint-6{inside}")
+    before = tree(workdir)
+    code, _, err = cli(capsys, "ckpt", "import", str(source), "--config", "config.yaml")
+    assert code == 2
+    assert "is inside the checkpoint being imported" in one_line_error(err)
+    assert tree(workdir) == before
+
+
+@pytest.mark.slow
 def test_import_never_replaces_a_run_and_resume_points_to_it(
     source: Path, workdir: Path, tiny_model: Path, sample_dir: Path, capsys
 ) -> None:
@@ -287,3 +302,10 @@ def test_init_adapter_starts_a_new_run_from_an_adapter(
     assert code == 2
     assert "init_adapter" in one_line_error(err) and "lora.r: the adapter has 4" in err
     assert not Path("other").exists()
+
+    # A run folder inside the starting adapter would write into a folder sftrun only reads.
+    before = tree(start)
+    tiny_config(init_adapter=str(start), output_dir=str(start / "run"))
+    code, _, err = cli(capsys, "train", "-y", "--config", "config.yaml")
+    assert code == 2 and "is inside init_adapter" in one_line_error(err)
+    assert tree(start) == before

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sftrun import constants as C
-from sftrun.errors import CheckpointError
+from sftrun.errors import CheckpointError, ConfigError
 from sftrun.integrity import parse_adapter
 
 # Caps on what is read from a folder that may lie: the JSON and pickle files are small.
@@ -58,6 +58,17 @@ class HfCheckpoint:
         seed = self.args.get("data_seed")
         seed = self.args.get("seed") if seed is None else seed
         return seed if isinstance(seed, int) else None
+
+
+def refuse_output_inside(output_dir: str, source: Path, what: str) -> None:
+    """A folder that is only read (an imported checkpoint, a starting adapter) never becomes
+    the run's folder or holds it: refused before the run lock or anything else is made."""
+    out, src = Path(output_dir).resolve(), source.resolve()
+    if out == src or src in out.parents:
+        raise ConfigError(
+            f"output_dir {output_dir} is inside {what} ({source}), which sftrun only reads; "
+            "set output_dir to a folder of its own"
+        )
 
 
 def _refuse(path: Path, what: str, fix: str) -> CheckpointError:

@@ -29,7 +29,13 @@ from sftrun import checkpoint, distributed, rng, runlock, sampler
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.constants import IGNORE_INDEX
 from sftrun.errors import CheckpointError
-from sftrun.hfckpt import FORMAT, HfCheckpoint, fit_problems, lora_problems
+from sftrun.hfckpt import (
+    FORMAT,
+    HfCheckpoint,
+    fit_problems,
+    lora_problems,
+    refuse_output_inside,
+)
 from sftrun.hfckpt import read as read_hf
 from sftrun.hooks import RunHooks
 from sftrun.modeling import restore_adapter, weights_sha256
@@ -59,6 +65,7 @@ class Imported:
 
 def import_checkpoint(cfg: TrainingConfig, source: Path, hooks: RunHooks | None = None) -> Imported:
     """Convert the HF checkpoint at ``source`` into a new sftrun run under ``cfg.output_dir``."""
+    refuse_output_inside(cfg.output_dir, source, "the checkpoint being imported")
     hf = read_hf(source)
     cfg = _with_source_adam(cfg, hf)
     plan = make_plan(cfg)  # a fresh run's checks: output folder, data, model, ownership

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sftrun import constants as C
-from sftrun import distributed, fs, hardware, mirror, runfolder, snapshot
+from sftrun import distributed, fs, hardware, hfckpt, mirror, runfolder, snapshot
 from sftrun.config import TrainingConfig
 from sftrun.data import Conversation, check_data_file, read_conversations
 from sftrun.datastage import prepare_data
@@ -170,6 +170,8 @@ def make_plan(
     max_steps was given on the command line (see :func:`keep_run_length`).
     """
     out = Path(cfg.output_dir)
+    if cfg.init_adapter:
+        hfckpt.refuse_output_inside(cfg.output_dir, Path(cfg.init_adapter), "init_adapter")
     refusals: list[str] | None = [] if preview else None
     if cfg.mirror_to:
         mirror.check_separate(cfg.mirror_to, out)
