@@ -35,7 +35,7 @@ model: model/models/config.json
 train: install model
 	$(PY) run_model_training.py -y
 
-# llama.cpp (through llama-cpp-python, built from source: 10-35 min on 2 cores) answers the held-out
+# llama.cpp (through llama-cpp-python, built from source: ~12 min on 2 cores) answers the held-out
 # prompts with each GGUF export of the newest checkpoint (run `make train` first); not in `make test`.
 export-check: install model
 	$(PIP) install --quiet llama-cpp-python==0.3.36
