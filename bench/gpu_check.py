@@ -10,6 +10,11 @@
 4. The Unsloth backend, when it is installed (nothing is downloaded: the machine has no network).
 5. TRL's SFTTrainer side by side on the same objective, when TRL is installed: runs
    bench/vs_trl.py (the same model, data, LoRA, optimizer and batches) on this GPU.
+6. Out of memory that keeps the run: the process may use only OOM_CAP of the GPU's memory
+   (torch.cuda.set_per_process_memory_fraction), and the run asks for a micro-batch of
+   OOM_MICRO that cannot fit; `oom: adapt` must halve it (redoing the step) until it fits, and
+   the run must finish with the global batch it started with. (On the CPU smoke run the error
+   is injected through the hooks seam above a micro-batch of 4, as the tests do.)
 
 Prints one JSON line per check and a summary table; exit 1 if the exactness check fails.
 
@@ -31,6 +36,9 @@ import time
 from pathlib import Path
 
 from common import MODEL, REPO, StepClock, sftrun_overrides, write_examples
+
+OOM_CAP = 3 * 2**30  # bytes of GPU memory the oom check's process may use
+OOM_MICRO = 64  # its micro-batch: 64 x 256 tokens of float32 logits alone is 3.2 GB
 
 
 def child(kind: str, work: Path, steps: int, kill_after: int, resume: bool) -> None:
@@ -54,14 +62,28 @@ def child(kind: str, work: Path, steps: int, kill_after: int, resume: bool) -> N
         settings += ["quantization.bits=4"]
     if kind == "unsloth":
         settings += ["backend=unsloth"]
+    if kind == "oom":
+        # One global batch of OOM_MICRO examples asked for in one micro-batch.
+        settings += [f"per_device_train_batch_size={OOM_MICRO}", "gradient_accumulation_steps=1"]
+        settings += ["oom=adapt", f"max_steps={min(steps, 4)}"]
     clock = StepClock()
+    on_batch = clock.on_batch
+    if kind == "oom" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, OOM_CAP / total))
+    elif kind == "oom":
+
+        def on_batch(batch: dict) -> None:
+            clock.on_batch(batch)
+            if len(batch["input_ids"]) > 4:
+                raise torch.OutOfMemoryError("injected: the CPU smoke run of the oom check")
 
     def after_commit(step: int, path: Path) -> None:
         if kill_after and step == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     hooks = RunHooks(
-        on_step_start=clock.on_step_start, on_batch=clock.on_batch, after_commit=after_commit
+        on_step_start=clock.on_step_start, on_batch=on_batch, after_commit=after_commit
     )
     cfg = load_config(None, settings)
     options = RunOptions(yes=True, console=False, hooks=hooks, resume="latest" if resume else None)
@@ -77,6 +99,11 @@ def child(kind: str, work: Path, steps: int, kill_after: int, resume: bool) -> N
         "last_checkpoint": str(result.last_checkpoint),
         "log": str(result.log_file),
     }
+    if kind == "oom":
+        state = json.loads((result.last_checkpoint / "trainer_state.json").read_text())
+        out["adapted_split"] = state.get("adapted_split")
+        out["global_batch_size"] = state.get("global_batch_size")
+        out["finished"] = state["global_step"] == min(steps, 4)
     (work / "result.json").write_text(json.dumps(out))
 
 
@@ -149,6 +176,19 @@ def main() -> int:
         flush=True,
     )
 
+    # Out of memory: the micro-batch that cannot fit is adapted and the run finishes.
+    work = root / "oom"
+    work.mkdir()
+    code = _run("oom", work, args.steps)
+    oom = _result(work) if code == 0 else {"kind": "oom", "failed": code}
+    split = oom.get("adapted_split") or {}
+    adapted = bool(
+        oom.get("finished")
+        and split.get("configured") == [OOM_MICRO, 1]
+        and oom.get("global_batch_size") == OOM_MICRO
+    )
+    print(json.dumps({**oom, "adapted": adapted}), flush=True)
+
     if importlib.util.find_spec("trl") is not None and torch.cuda.is_available():
         steps = str(min(args.steps, 10))
         cmd = [sys.executable, str(REPO / "bench/vs_trl.py"), "--steps", steps, "--rounds", "1"]
@@ -165,7 +205,9 @@ def main() -> int:
             peak = r["peak_cuda_bytes"] / 2**30
             print(f"| {r['kind']} | {r['tokens_per_second']:.0f} | {peak:.2f} GiB |")
     print(f"| kill -9 + resume bit-exact | {exact} | |")
-    return 0 if exact else 1
+    where = f"adapted to {split.get('adapted')}"
+    print(f"| micro-batch {OOM_MICRO} out of memory, {where} | {adapted} | |")
+    return 0 if exact and adapted else 1
 
 
 if __name__ == "__main__":

@@ -201,7 +201,7 @@ def test_unsloth_in_a_multi_process_launch_is_refused() -> None:
     from sftrun.plan import _check_parallel
 
     plan = SimpleNamespace(
-        cfg=SimpleNamespace(parallel="ddp", quantization=None),
+        cfg=SimpleNamespace(parallel="ddp", quantization=None, oom="auto"),
         world=2,
         sharded=False,
         backend=Backend("unsloth", "Unsloth imported with CUDA available", "2026.1"),

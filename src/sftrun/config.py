@@ -98,6 +98,12 @@ class TrainingConfig(BaseModel):
     per_device_train_batch_size: int = Field(4, gt=0, description="Micro-batch per process.")
     gradient_accumulation_steps: int = Field(2, gt=0, description="Micro-batches per step.")
     per_device_eval_batch_size: int = Field(8, gt=0, description="Batch for eval and generation.")
+    oom: Literal["auto", "adapt", "stop"] = Field(
+        "auto",
+        description="Out of memory in a step: adapt = halve the micro-batch, double the "
+        "accumulation and redo the step (the same samples and global batch); stop = exit with "
+        "the fix; auto = adapt on CUDA in one process, stop otherwise.",
+    )
 
     # intervals
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")

@@ -21,7 +21,14 @@ from typing import Any, Literal
 
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sftrun import constants as C
 from sftrun import fs
@@ -62,6 +69,21 @@ class Manifest(BaseModel):
         return files
 
 
+class AdaptedSplit(BaseModel):
+    """``trainer_state.json``'s record of an out-of-memory adaptation (``loop``)."""
+
+    configured: tuple[int, int]  # micro-batch, accumulation the run started with
+    adapted: tuple[int, int]  # the split it moved to
+    step: int = Field(ge=1, strict=True)  # the step that was redone with it
+
+    @model_validator(mode="after")
+    def _same_batch(self) -> AdaptedSplit:
+        (m0, a0), (m1, a1) = self.configured, self.adapted
+        if min(m0, a0, m1, a1) < 1 or m0 * a0 != m1 * a1:
+            raise ValueError("the adapted split must keep micro-batch x accumulation")
+        return self
+
+
 class TrainerStateView(BaseModel):
     """The parts of ``trainer_state.json`` that tools and resume read, with their types."""
 
@@ -79,6 +101,7 @@ class TrainerStateView(BaseModel):
     tracker_runs: dict[str, str] = Field(default_factory=dict)
     data_order: Literal["sftrun", "hf-trainer"] | None = None  # sampler.ORDERS
     data_seed: int | None = Field(None, strict=True)
+    adapted_split: AdaptedSplit | None = None
 
 
 def schema_problem(exc: ValidationError) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sftrun import checkpoint, distributed, integrity, mirror, rng, runfolder
+from sftrun import checkpoint, distributed, integrity, mirror, oom, rng, runfolder
 from sftrun import constants as C
 from sftrun.config import TrainingConfig, config_to_dict
 from sftrun.encoding import collate
@@ -31,6 +31,7 @@ from sftrun.monitor import (
     fmt_bytes,
     progress_bar,
 )
+from sftrun.oom import split_of
 from sftrun.plan import RunPlan
 from sftrun.sampler import step_indices
 from sftrun.snapshot import RunSnapshot
@@ -135,7 +136,8 @@ def train_loop(ctx: Loop, stopper: StopRequest) -> None:
                     )
                 break
     except torch.OutOfMemoryError:
-        raise SftrunError(_oom_message(cfg, state.global_step, plan.global_batch)) from None
+        # ctx.cfg: the split in use now (``oom.adapt`` may have changed it)
+        raise SftrunError(oom.message(ctx.cfg, state.global_step, plan.global_batch)) from None
     finally:
         bar.close()
 
@@ -154,30 +156,25 @@ def _optimizer_step(ctx: Loop) -> StepStats:
     lr = plan.schedule.lr(step)
     for group in ctx.optimizer.param_groups:
         group["lr"] = lr
-    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     seed = cfg.seed if state.data_seed is None else state.data_seed
     samples = step_indices(
         seed, len(plan.train_data), state.samples_seen, plan.global_batch, state.data_order
     )
     ctx.hooks.on_samples(step, samples)
-    pad_id = _pad_id(ctx.peft_model)
-    batches = [
-        collate(plan.train_data, ids, pad_id)
-        for ids in distributed.micro_batches(samples, acc.process_index, micro, accum)
-    ]
-    local_labels = sum(int((b["labels"][:, 1:] != C.IGNORE_INDEX).sum()) for b in batches)
-    n_labels = int(acc.reduce(torch.tensor(local_labels, device=acc.device), "sum"))
-    loss_total = torch.zeros((), device=acc.device)
-    for i, batch in enumerate(batches):
-        ctx.hooks.on_batch(batch)
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(ctx.loss_module)
-        with sync, ctx.autocast():
-            loss_sum, _ = ctx.loss_module(**batch)
-            # DDP averages gradients over processes, hence the factor num_processes.
-            scaled = loss_sum * acc.num_processes / max(1, n_labels)
-            acc.backward(ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled)
-        loss_total += loss_sum.detach()
+    # With ``oom: adapt`` the step may be redone from its start: the dropout masks then come
+    # from the same random state, as in a run that had the smaller split all along.
+    at_start = rng.capture() if plan.oom_adapt else None
+    while True:
+        try:
+            batches, n_labels, loss_total = _accumulate(ctx, samples)
+            break
+        except torch.OutOfMemoryError:
+            smaller = oom.halved_split(*split_of(ctx.cfg)) if plan.oom_adapt else None
+            if smaller is None:
+                raise  # train_loop's message: the split to resume with, or what else to change
+        # Out of the except block, so the failed attempt's tensors are unreachable: free them.
+        assert at_start is not None and smaller is not None
+        oom.adapt(ctx, step + 1, smaller, at_start)
     params = [p for p in ctx.loss_module.parameters() if p.requires_grad]
     if plan.sharded:  # FSDP leaves the adapter to us; DDP averaged it during backward
         distributed.average_gradients(params)
@@ -203,6 +200,35 @@ def _optimizer_step(ctx: Loop) -> StepStats:
     ctx.optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes
     return StepStats(loss, grad_norm, lr, tokens, n_labels, time.perf_counter() - t0)
+
+
+def _accumulate(
+    ctx: Loop, samples: list[int]
+) -> tuple[list[dict[str, torch.Tensor]], int, torch.Tensor]:
+    """Forward and backward over this process's micro-batches of the step; gradients are
+    accumulated in the adapter, nothing is applied. Returns the batches, the label tokens of
+    the whole step (all processes) and the summed loss of this process."""
+    acc = ctx.acc
+    micro, accum = split_of(ctx.cfg)
+    pad_id = _pad_id(ctx.peft_model)
+    batches = [
+        collate(ctx.plan.train_data, ids, pad_id)
+        for ids in distributed.micro_batches(samples, acc.process_index, micro, accum)
+    ]
+    local_labels = sum(int((b["labels"][:, 1:] != C.IGNORE_INDEX).sum()) for b in batches)
+    n_labels = int(acc.reduce(torch.tensor(local_labels, device=acc.device), "sum"))
+    loss_total = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(batches):
+        ctx.hooks.on_batch(batch)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        sync = contextlib.nullcontext() if i == accum - 1 else acc.no_sync(ctx.loss_module)
+        with sync, ctx.autocast():
+            loss_sum, _ = ctx.loss_module(**batch)
+            # DDP averages gradients over processes, hence the factor num_processes.
+            scaled = loss_sum * acc.num_processes / max(1, n_labels)
+            acc.backward(ctx.scaler.scale(scaled) if ctx.scaler is not None else scaled)
+        loss_total += loss_sum.detach()
+    return batches, n_labels, loss_total
 
 
 def _count(ctx: Loop, stats: StepStats) -> None:
@@ -244,21 +270,6 @@ def _divergence_message(ctx: Loop, step: int, loss: float, grad_norm: float) -> 
     return (
         f"training diverged at step {step}: loss {loss:g}, grad norm {grad_norm:g} (NaN or "
         f"infinity); nothing from this step was applied or saved; {where}"
-    )
-
-
-def _oom_message(cfg: TrainingConfig, step: int, global_batch: int) -> str:
-    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    fix = (
-        f"resume with per_device_train_batch_size={micro // 2} gradient_accumulation_steps="
-        f"{accum * 2} (same global batch {global_batch}, so `--resume latest` continues at the "
-        "exact data position)"
-        if micro > 1
-        else "lower max_seq_length or use a smaller model (both need a new run)"
-    )
-    return (
-        f"out of GPU memory at step {step + 1} with micro-batch {micro}, accumulation {accum}, "
-        f"max_seq_length {cfg.max_seq_length}; {fix}; the last committed checkpoint is intact"
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sftrun.monitor import fmt_bytes
+from sftrun.oom import halved_split, split_of
 
 # Activations a Llama-style decoder layer keeps for backward, per token, in units of the
 # hidden size h and the MLP width i: norm inputs and outputs, q/k/v, the attention output and
@@ -100,11 +101,15 @@ def _name(device: torch.device) -> str:
 def advice(e: MemoryEstimate, cfg: Any) -> str:
     """Which setting to change first, by what dominates the estimate."""
     if e.activations + e.logits >= e.weights:
-        steps = [
-            f"per_device_train_batch_size={max(1, cfg.per_device_train_batch_size // 2)} with "
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps * 2} (same global "
-            "batch)"
-        ]
+        smaller = halved_split(*split_of(cfg))
+        steps = (
+            [
+                f"per_device_train_batch_size={smaller[0]} with "
+                f"gradient_accumulation_steps={smaller[1]} (same global batch)"
+            ]
+            if smaller is not None
+            else []
+        )
         if not cfg.gradient_checkpointing:
             steps.insert(0, "gradient_checkpointing: true")
         steps.append("a lower max_seq_length")

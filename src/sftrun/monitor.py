@@ -300,7 +300,8 @@ def run_summary(
         f"{cfg.gradient_accumulation_steps} accumulation x {plan.world} process(es)"
         f"{' (fsdp: the frozen base sharded over them)' if plan.sharded else ''} = "
         f"{plan.global_batch} examples per step; max_seq_length {cfg.max_seq_length}; "
-        f"{_precision(plan)}",
+        f"{_precision(plan)}"
+        + ("; out of memory: halve the micro-batch, redo the step" if plan.oom_adapt else ""),
         f"  {'memory':<12} {memory}",
         f"  {'length':<12} {plan.planned} steps = {plan.epochs:.2f} epochs; LR "
         f"{sched.peak_lr:g} {sched.kind}, warm-up {sched.warmup_steps} steps",

@@ -64,6 +64,8 @@ class RunPlan:
     cfg: TrainingConfig
     dtype: str
     dtype_why: str = ""  # how ``auto`` was resolved (the summary says it); "" when configured
+    # ``oom`` resolved: on an out-of-memory error, halve the micro-batch and redo the step.
+    oom_adapt: bool = False
     out: Path
     backend: Backend
     tokenizer: Any
@@ -243,6 +245,9 @@ def _make_plan(
         cfg=cfg,
         dtype=dtype,
         dtype_why=dtype_why,
+        # One process only: with several, the others would wait for the failed one in the
+        # gradient all-reduce (``_check_parallel`` refuses an explicit ``adapt`` there).
+        oom_adapt=cfg.oom == "adapt" or (cfg.oom == "auto" and cuda and world == 1),
         out=out,
         backend=backend,
         tokenizer=tokenizer,
@@ -283,6 +288,15 @@ def _check_parallel(plan: RunPlan, refusals: list[str] | None, preview: bool) ->
             ConfigError(
                 "parallel: fsdp cannot shard a quantized base; use parallel: ddp with "
                 "quantization, or remove quantization"
+            ),
+        )
+    if plan.world > 1 and plan.cfg.oom == "adapt":
+        refuse(
+            refusals,
+            ConfigError(
+                f"oom: adapt redoes a step in one process, and this launch has {plan.world} "
+                "(the others would wait for it in the gradient all-reduce); use oom: stop or "
+                "auto, or launch one process"
             ),
         )
     if plan.world > 1 and plan.backend.name == "unsloth":

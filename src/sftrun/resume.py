@@ -90,6 +90,9 @@ TUNABLE = {
     "masks are drawn per micro-batch, so with dropout > 0 the numbers are no longer "
     "bit-identical",
     "gradient_accumulation_steps": "as `per_device_train_batch_size`",
+    "oom": "new value for this launch; a split the run adapted to after running out of memory "
+    "is kept on resume while the config still gives the split it started with (set both "
+    "batch settings on the command line to choose another)",
     "weight_decay": "new value from the resume step on",
     "max_grad_norm": "new value from the resume step on",
     "eval_accuracy": "new value for the final evaluation",

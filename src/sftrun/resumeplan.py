@@ -17,6 +17,7 @@ from sftrun import constants as C
 from sftrun.config import TrainingConfig
 from sftrun.encoding import data_fingerprint
 from sftrun.errors import CheckpointError, SftrunError
+from sftrun.oom import split_of
 from sftrun.resume import (
     RENDER_KEYS,
     check_folder_owner,
@@ -206,6 +207,25 @@ def _check_identity(
             )
 
 
+def _keep_adapted_split(plan: RunPlan) -> TrainingConfig:
+    """The split a run moved to after running out of memory (``loop``), kept while the config
+    still gives the split the run started with; returns the config the resume trains with."""
+    split, cfg = plan.state.adapted_split, plan.cfg
+    if not split or split_of(cfg) != tuple(split["configured"]):
+        return cfg  # none, or a split chosen for this resume (the global batch is checked)
+    micro, accum = split["adapted"]
+    plan.cfg = cfg.model_copy(
+        update={"per_device_train_batch_size": micro, "gradient_accumulation_steps": accum}
+    )
+    plan.notes.append(
+        f"kept micro-batch {micro} x accumulation {accum}, which this run adapted to when it "
+        f"ran out of memory at step {split['step']} (the config says "
+        f"{split['configured'][0]} x {split['configured'][1]}; set both on the command line to "
+        "choose another split of the same global batch)"
+    )
+    return plan.cfg
+
+
 def plan_resume(
     plan: RunPlan,
     saved: RunSnapshot,
@@ -249,6 +269,7 @@ def plan_resume(
         plan.schedule = plan.lr_plan.schedule
     except CheckpointError as exc:
         refuse(refusals, exc)
+    cfg = _keep_adapted_split(plan)
     plan.overrides = config_overrides(old_args, cfg)
     plan.kept = kept_changes(old_args, cfg)
     plan.notes += [f"override {k}: {was!r} -> {now!r}" for k, was, now in plan.overrides]

@@ -41,6 +41,9 @@ class TrainState:
     data_order: str = SFTRUN
     data_seed: int | None = None
     imported_from: dict[str, Any] | None = None  # source folder, format and step of an import
+    # The micro-batch split the run moved to after running out of memory (``oom: adapt``):
+    # {"configured": [micro, accumulation], "adapted": [micro, accumulation], "step": k}.
+    adapted_split: dict[str, Any] | None = None
 
     def to_dict(
         self, cfg: TrainingConfig, *, n_train: int, planned: int, global_batch: int
@@ -76,6 +79,7 @@ class TrainState:
             "data_order": self.data_order,
             "data_seed": self.data_seed,
             "imported_from": self.imported_from,
+            "adapted_split": self.adapted_split,
         }
 
     @classmethod
@@ -99,4 +103,5 @@ class TrainState:
             data_order=str(data.get("data_order") or SFTRUN),
             data_seed=data.get("data_seed"),
             imported_from=data.get("imported_from"),
+            adapted_split=data.get("adapted_split"),
         )

@@ -9,6 +9,9 @@
                                        during the save of step k, after FILE is written
 - SFTRUN_TEST_SAMPLES_LOG=PATH        process 0 appends "step: sample ids" for every step
 - SFTRUN_TEST_CPU_BF16=0|1            answer as a CPU without (0) or with (1) native bf16
+- SFTRUN_TEST_OOM=ROWS:STEP[:NTH]     from step STEP on (1-based), raise torch.OutOfMemoryError
+                                       at a micro-batch of more than ROWS rows (with NTH: only at
+                                       the NTH micro-batch of a step, after earlier backwards)
 
 Signals and kills are real (os.kill on this process), so handlers run as they would in use.
 The faults come in through ``sftrun.hooks.RunHooks``; nothing in sftrun is patched.
@@ -18,6 +21,8 @@ import os
 import signal
 import sys
 import time
+
+import torch
 
 from sftrun import hardware
 from sftrun.cli import main
@@ -62,7 +67,22 @@ def after_commit(step, path):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_micro_in_step = [0]  # micro-batches seen so far in the step being trained (all attempts)
+_step = [0]
+
+
+def on_batch(batch):
+    _micro_in_step[0] += 1
+    if "SFTRUN_TEST_OOM" not in env:
+        return
+    rows, at, *nth = (int(x) for x in env["SFTRUN_TEST_OOM"].split(":"))
+    if _step[0] + 1 >= at and len(batch["input_ids"]) > rows:
+        if not nth or _micro_in_step[0] == nth[0]:
+            raise torch.OutOfMemoryError("injected by SFTRUN_TEST_OOM")
+
+
 def on_samples(step, samples):
+    _step[0], _micro_in_step[0] = step, 0  # once per step, before its first attempt
     if "SFTRUN_TEST_SAMPLES_LOG" in env and env.get("RANK", "0") == "0":
         with open(env["SFTRUN_TEST_SAMPLES_LOG"], "a") as fh:
             fh.write(f"{step}: {' '.join(map(str, samples))}\n")
@@ -81,6 +101,7 @@ def on_step_start(step):
 hooks = RunHooks(
     on_step_start=on_step_start,
     on_samples=on_samples,
+    on_batch=on_batch,
     after_file=after_file,
     after_commit=after_commit,
 )
