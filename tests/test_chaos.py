@@ -8,21 +8,19 @@ finally allowed to finish must be bit-identical to one that was never interrupte
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from tests.conftest import tiny_settings, write_config
 from tests.runs import (
-    HELPERS,
+    WarmProcess,
     adapter,
     assert_same_tensors,
     run_sftrun,
+    spawn_sftrun,
     step_records,
     trainer_state,
 )
@@ -33,7 +31,7 @@ STEPS = 100
 KILLS = 22
 
 
-def _first_step_logged(cwd: Path, since: set[Path], proc: subprocess.Popen) -> bool:
+def _first_step_logged(cwd: Path, since: set[Path], proc: WarmProcess) -> bool:
     """Wait until this attempt's log file shows a training step (or the process ended)."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -57,21 +55,15 @@ def test_random_sigkills_never_lose_the_run(tmp_path: Path, tiny_model: Path, sa
 
     rnd = random.Random(20261128)
     out = cwd / "checkpoints/sft_model"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SFTRUN_TEST_SLOW_SAVE": "0.02"}
+    env = {"SFTRUN_TEST_SLOW_SAVE": "0.02"}
     kills = during_save = 0
     while kills < KILLS:
         resume = ["--resume", "latest"] if runfolder.scan(out) else []
         logs_before = set((cwd / "outputs/logs").glob("*.log"))
-        proc = subprocess.Popen(
-            [sys.executable, str(HELPERS / "chaos.py"), "train", "-y", "--config", str(cfg)]
-            + resume,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        # A real process (forked from the tests' warm parent: no import time to wait for).
+        proc = spawn_sftrun(["train", "-y", "--config", str(cfg), *resume], cwd, env, "chaos.py")
         started = _first_step_logged(cwd, logs_before, proc)
-        assert started, proc.stderr.read().decode() if proc.stderr else ""
+        assert started, proc.wait() is not None and proc.output()[1]
         time.sleep(rnd.uniform(0.0, 0.6))
         if proc.poll() is not None:
             break  # finished before the kill: fine, but then too few kills (asserted below)

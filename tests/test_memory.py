@@ -37,7 +37,7 @@ def test_the_estimate_is_within_the_stated_factor_of_the_measured_peak(
 ) -> None:
     model, data = wide_model
     args = [str(model), str(data), str(micro), checkpointing]
-    proc = run_sftrun(args, tmp_path, env={"OMP_NUM_THREADS": "2"}, script="peak.py")
+    proc = run_sftrun(args, tmp_path, env={"OMP_NUM_THREADS": "2"}, script="peak.py", cold=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = result["grown"] / result["expected"]
@@ -66,7 +66,7 @@ def test_a_run_that_will_not_fit_says_which_setting_to_change() -> None:
 
 def test_the_summary_shows_the_estimate(tiny_config, workdir: Path) -> None:
     tiny_config(eval_file=None, max_steps=1)
-    proc = run_sftrun(["train", "-y", "--config", "config.yaml"], workdir)
+    proc = run_sftrun(["train", "-y", "--config", "config.yaml"], workdir, cold=True)
     assert proc.returncode == 0
     line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("memory"))
     assert "at peak per process of" in line and "system RAM: weights" in line

@@ -100,6 +100,10 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(
         while not info.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert info.exists(), "the first run never took the lock"
+        # prune locks only a folder that holds checkpoints: wait for the first one (a process
+        # forked from the tests' warm parent starts before a cold one would have)
+        while not runfolder.names(tmp_path / OUT) and time.monotonic() < deadline:
+            time.sleep(0.1)
         second = run_sftrun(
             ["train", "-y", "--config", "config.yaml", "--resume", "auto"], tmp_path
         )
