@@ -12,11 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import yaml
+
+# Several xdist workers share the machine's cores: each test process (and every sftrun process
+# a test starts, which inherits this) gets its share. torch's default, a thread per core in
+# every process, oversubscribes them and OpenMP's spinning threads slow everything down:
+# the two bundled-model tests side by side took 136 s with 2 threads each, 56 s with 1 (2
+# cores). Set before torch is imported, which reads it; an explicit OMP_NUM_THREADS wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "OMP_NUM_THREADS" in os.environ:  # in case a plugin imported torch first
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 

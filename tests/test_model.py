@@ -3,6 +3,7 @@ the bundled sample data; and one end-to-end run on the real bundled SmolLM2 mode
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -105,12 +106,20 @@ def test_sample_data_in_the_repo_is_what_the_generator_writes(tmp_path: Path) ->
 
 @pytest.fixture(scope="session")
 def bundled_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``model/models`` when `make` prepared it, else a fresh ``sftrun model prepare``."""
+    """``model/models`` when `make` prepared it, else a fresh ``sftrun model prepare``, made
+    once per test session: xdist's workers share it (the first prepares it under a lock)."""
     prepared = REPO / C.DEFAULT_MODEL_DIR
     if (prepared / "config.json").is_file():
         return prepared
-    out = tmp_path_factory.mktemp("bundled") / "models"
-    assert main(["model", "prepare", "--out", str(out)]) == 0
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, above every worker's own
+    out = root / "bundled" / "models"
+    out.parent.mkdir(exist_ok=True)
+    with open(root / "bundled.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").is_file():
+            assert main(["model", "prepare", "--out", str(out)]) == 0
     return out
 
 
