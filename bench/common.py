@@ -144,22 +144,31 @@ def full_head_loss(peft_model: Any) -> Any:
     return FullHead(peft_model)
 
 
-def matmul_peak(seconds: float = 3.0) -> dict[str, Any]:
-    """This machine's fp32 matrix-multiply rate now: 2048 x 2048 products for ``seconds``."""
+def matmul_peak(seconds: float = 3.0, dtype: str = "float32") -> dict[str, Any]:
+    """This machine's matrix-multiply rate now in ``dtype`` (float32 or bfloat16): 2048 x 2048
+    products for ``seconds``. Also says whether the CPU multiplies bf16 natively, by torch's
+    own feature detection (``sftrun.hardware.cpu_bf16``: AVX512-BF16, AMX or Arm BF16)."""
     import time
 
     import torch
 
+    from sftrun.hardware import cpu_bf16
+
     n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
     torch.mm(a, b)
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         count += 1
+    cpu = cpu_bf16()
     return {
         "flops_per_s": 2 * n**3 * count / (time.perf_counter() - t0),
+        "dtype": dtype,
         "threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu.native,
+        "cpu_bf16_why": cpu.why,
     }
 
 

@@ -133,7 +133,7 @@ def _rate(clock: StepClock, tokens: dict[int, int], steps: int) -> dict[str, Any
 
 
 def child_sftrun(
-    pairing: str, steps: int, examples: int, work: Path, stock: bool = False
+    pairing: str, steps: int, examples: int, work: Path, stock: bool = False, dtype: str = "float32"
 ) -> dict[str, Any]:
     """One sftrun run; ``stock`` is the ablation with the LM head over every position and
     PEFT's own LoRA forward (``nn.Dropout``) together: what sftrun's loop alone is worth."""
@@ -169,6 +169,7 @@ def child_sftrun(
         "report_to=[]",
         f"seed={SEED}",
         f"train_on={pairing}",
+        f"dtype={dtype}",  # bfloat16: the frozen base in bf16 under autocast, LoRA in fp32
         "lora.r=16",
         "lora.alpha=32",
         "lora.dropout=0.05",
@@ -195,7 +196,12 @@ def child_sftrun(
 
 
 def child_trl(
-    pairing: str, steps: int, examples: int, work: Path, compile_model: bool = False
+    pairing: str,
+    steps: int,
+    examples: int,
+    work: Path,
+    compile_model: bool = False,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
@@ -214,8 +220,11 @@ def child_trl(
     order = [i for s in range(steps + 2) for i in step_indices(SEED, len(data), s * batch, batch)]
     rows = [{"input_ids": data.input_ids[i], "labels": data.labels[i]} for i in order]
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    # bfloat16: as sftrun does it and as TRL's users do, the base loaded in bf16 and
+    # bf16=True (accelerate's autocast); PEFT keeps the LoRA weights in fp32.
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=getattr(torch, dtype))
     settings = trl_settings(work, steps + 2)
+    settings["bf16"] = dtype == "bfloat16"
     # The same save protocol as sftrun's side: one checkpoint (adapter, optimizer, scheduler,
     # RNG) after the last step, inside the RSS window and outside the timed steps.
     settings |= {"save_strategy": "steps", "save_steps": steps + 2}
@@ -369,11 +378,20 @@ def report(record: dict[str, Any]) -> None:
     """Print a run's summary (from ``main`` or a saved ``--json`` file)."""
     peaks = record["matmul_peak_flops_per_s"]
     peak = max(peaks)  # the higher measurement, so drift does not flatter the share
+    meta = record["meta"]
+    dtype = meta.get("dtype", "float32")
     print(
-        "fp32 matmul peak before / after the rounds: "
+        f"{dtype} matmul peak before / after the rounds: "
         f"{peaks[0] / 1e9:.1f} / {peaks[1] / 1e9:.1f} GFLOP/s"
+        + (
+            f" (float32: {meta['float32_matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s; the CPU "
+            f"{'has' if meta['cpu_native_bf16'] else 'has no'} native bf16: "
+            f"{meta['cpu_bf16_why']})"
+            if "float32_matmul_peak_flops_per_s" in meta
+            else ""
+        )
     )
-    for pairing in PAIRINGS:
+    for pairing in (p for p in PAIRINGS if any(k.startswith(f"{p}/") for k in record["runs"])):
         by_side = _summarise(record["runs"], pairing, peak)
         record.setdefault("summary", {})[pairing] = by_side
         for side, s in by_side.items():
@@ -469,6 +487,25 @@ def main() -> None:
         action="store_true",
         help="skip the ceiling: sftrun's step timed by its matmul and attention kernels alone",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="both sides' precision: bfloat16 = the base in bf16 under autocast (sftrun "
+        "dtype=bfloat16, TRL bf16=True), LoRA and optimizer fp32; the peak is measured in it",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="run a bfloat16 pairing even on a CPU without native bf16 (it times the emulation)",
+    )
+    parser.add_argument(
+        "--pairing",
+        dest="pairings",
+        choices=PAIRINGS,
+        action="append",
+        help="run only this pairing (repeatable; default: both)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--report",
@@ -478,18 +515,19 @@ def main() -> None:
         "code (src/ differing at most in docstrings and comments), their rounds are pooled",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--pairing", help=argparse.SUPPRESS)
+    parser.add_argument("--child-pairing", dest="pairing", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         work = Path(tempfile.mkdtemp(prefix="sftrun-fair-"))
         run_args = (args.pairing, args.steps, args.examples, work)
+        dt = args.dtype
         children = {
-            "sftrun": lambda: child_sftrun(*run_args),
-            "stock": lambda: child_sftrun(*run_args, stock=True),
-            "trl": lambda: child_trl(*run_args),
-            "trl-compile": lambda: child_trl(*run_args, compile_model=True),
+            "sftrun": lambda: child_sftrun(*run_args, dtype=dt),
+            "stock": lambda: child_sftrun(*run_args, stock=True, dtype=dt),
+            "trl": lambda: child_trl(*run_args, dtype=dt),
+            "trl-compile": lambda: child_trl(*run_args, compile_model=True, dtype=dt),
             "floor": lambda: floor(*run_args),
-            "peak": matmul_peak,
+            "peak": lambda: matmul_peak(dtype=dt),
         }
         print(json.dumps(children[args.child]()))
         return
@@ -501,16 +539,37 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "unset (torch uses every core)")
     meta = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "omp_threads": threads}
     meta |= _versions()
+    meta["dtype"] = args.dtype
+    pairings = tuple(args.pairings or PAIRINGS)
     sides = ("sftrun", "stock", "trl") + (() if args.no_trl_compile else ("trl-compile",))
-    sides += () if args.no_floor else ("floor",)
+    # The floor's kernel clock times sftrun's fp32 step (bench/profile_step.py).
+    sides += () if args.no_floor or args.dtype != "float32" else ("floor",)
+    dtype_arg = ["--dtype", args.dtype]
     print(f"{meta}\n{args.steps} timed steps x {args.rounds} rounds, {args.examples} examples")
-    peaks = [run_child(["--child", "peak"])["flops_per_s"]]
+    first = run_child(["--child", "peak", *dtype_arg])
+    peaks = [first["flops_per_s"]]
+    meta["cpu_native_bf16"], meta["cpu_bf16_why"] = first["cpu_native_bf16"], first["cpu_bf16_why"]
+    if args.dtype != "float32":  # the fp32 peak beside it: what bf16 gains on this CPU
+        fp32 = run_child(["--child", "peak"])["flops_per_s"]
+        meta["float32_matmul_peak_flops_per_s"] = fp32
+        line = (
+            f"matmul peak: bfloat16 {peaks[0] / 1e9:.2f} GFLOP/s, float32 {fp32 / 1e9:.1f} "
+            f"GFLOP/s ({fp32 / peaks[0]:.0f}x); the CPU has "
+            f"{'' if first['cpu_native_bf16'] else 'no '}native bf16 ({first['cpu_bf16_why']})"
+        )
+        print(line, flush=True)
+        if not first["cpu_native_bf16"] and not args.force:
+            raise SystemExit(
+                "a bf16 pairing on this CPU would time its bf16 emulation, not training; run it "
+                "on a CPU with AVX512-BF16, AMX or Arm BF16 (sftrun's dtype: auto trains in "
+                "fp32 here), or pass --force"
+            )
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in range(args.rounds):
-        for pairing in PAIRINGS:
+        for pairing in pairings:
             for side in sides if r % 2 == 0 else reversed(sides):
-                child = ["--child", side, "--pairing", pairing, "--steps", str(args.steps)]
-                res = run_child([*child, "--examples", str(args.examples)])
+                child = ["--child", side, "--child-pairing", pairing, "--steps", str(args.steps)]
+                res = run_child([*child, "--examples", str(args.examples), *dtype_arg])
                 runs[f"{pairing}/{side}"].append(res)
                 if side == "floor":
                     print(
@@ -528,7 +587,7 @@ def main() -> None:
                     f"+ sys {res['sys_seconds']:.1f} s",
                     flush=True,
                 )
-    peaks.append(run_child(["--child", "peak"])["flops_per_s"])
+    peaks.append(run_child(["--child", "peak", *dtype_arg])["flops_per_s"])
     record = {"meta": meta, "matmul_peak_flops_per_s": peaks, "runs": runs}
     report(record)
     if args.json:
