@@ -357,3 +357,45 @@ def test_best_checkpoint_is_tracked_and_survives_rotation(tiny_config, monkeypat
     state = trainer_state(OUT / "checkpoint-12")
     assert state["best_metric"] == 0.2 and state["best_step"] == 6
     assert state["best_model_checkpoint"] == str(OUT / "checkpoint-6")
+
+
+def test_the_resume_decision_is_one_pure_function(run: Path, workdir: Path) -> None:
+    """``resumeplan.decide`` reads nothing: given the checkpoint's snapshot, the request and
+    the facts, it decides the same with the run folder and the data gone, and says how each
+    changed setting applies (overrides, a longer LR curve, the restored state)."""
+    from sftrun import snapshot
+    from sftrun.config import load_config
+    from sftrun.resumeplan import Facts, Request, decide
+    from sftrun.sampler import total_steps
+
+    data = workdir / "train.jsonl"
+    shutil.copy(load_config("config.yaml", []).train_file, data)
+    cfg = load_config("config.yaml", [f"train_file={data}", "num_train_epochs=3"])
+    cfg = cfg.model_copy(update={"learning_rate": 1e-3})
+    saved = snapshot.load(OUT / "checkpoint-6")
+    planned = total_steps(24, 4, 3, -1)
+    request = Request(
+        cfg=cfg,
+        identity=saved.identity,
+        world=1,
+        n_train=24,
+        global_batch=4,
+        planned=planned,
+        schedule=build_schedule(cfg.lr_scheduler_type, 1e-3, planned, 2, 0.0),
+        dtype="float32",
+        ckpt_path=OUT / "checkpoint-6",
+        length_set=True,
+        auto=False,
+        allow_data_change=False,
+    )
+    facts = Facts(same_content=False, folder_run_ids=())
+    first = decide(saved, request, facts)
+    shutil.rmtree(OUT)
+    data.unlink()
+    again = decide(saved, request, facts)
+    assert repr(first) == repr(again)
+    assert first.planned == 18 and not first.complete and not first.blocking
+    assert first.state.global_step == 6 and first.state.resumed_from == [6]
+    assert {k for k, _, _ in first.overrides} == {"num_train_epochs", "learning_rate"}
+    assert first.lr_plan is not None and first.schedule.total_steps == 18
+    assert "override learning_rate: 0.005 -> 0.001" in first.notes

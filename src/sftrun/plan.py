@@ -44,7 +44,6 @@ from sftrun.resume import (
 from sftrun.resumeplan import (
     LENGTH_KEYS,
     checkpoint_to_resume,
-    keep_run_length,
     plan_resume,
     refuse,
     saved_world,
@@ -150,7 +149,8 @@ def check_stage_folders(cfg: TrainingConfig) -> None:
 
 
 def sets_length(overrides: list[str]) -> bool:
-    """Whether KEY=VALUE ``overrides`` set the run's length (see :func:`keep_run_length`)."""
+    """Whether KEY=VALUE ``overrides`` set the run's length (the config file alone never
+    shortens a resumed run: ``resumeplan._keep_run_length``)."""
     return any(o.partition("=")[0] in LENGTH_KEYS for o in overrides if "=" in o)
 
 
@@ -169,7 +169,7 @@ def make_plan(
     output folder, then the slower steps (tokenizer, data, identity hashes). Raises the first
     refusal (SftrunError) unless ``preview``, which collects them in ``refusals`` and raises
     only when the checkpoint itself cannot be read. ``length_set``: num_train_epochs or
-    max_steps was given on the command line (see :func:`keep_run_length`).
+    max_steps was given on the command line (see ``resumeplan._keep_run_length``).
     """
     out = Path(cfg.output_dir)
     if cfg.init_adapter:
@@ -197,9 +197,8 @@ def make_plan(
             plan.notes.append(f"--resume auto: no checkpoint in {out}, so this is a new run")
         _check_parallel(plan, refusals, preview)
         if plan.snapshot is not None:
-            if not length_set:
-                keep_run_length(plan, plan.snapshot)
-            plan_resume(plan, plan.snapshot, allow_data_change, refusals, resume == C.RESUME_AUTO)
+            auto = resume == C.RESUME_AUTO
+            plan_resume(plan, plan.snapshot, allow_data_change, refusals, auto, length_set)
     except BaseException:
         mirror.discard(staging)  # a refused resume leaves the run folder as it was
         raise
