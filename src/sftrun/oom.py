@@ -29,6 +29,14 @@ def split_of(cfg: TrainingConfig) -> tuple[int, int]:
     return cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
 
 
+def with_split(cfg: TrainingConfig, split: tuple[int, int]) -> TrainingConfig:
+    """``cfg`` with (micro-batch, accumulation) ``split``; everything else as it is."""
+    micro, accum = split
+    return cfg.model_copy(
+        update={"per_device_train_batch_size": micro, "gradient_accumulation_steps": accum}
+    )
+
+
 def halved_split(micro: int, accum: int) -> tuple[int, int] | None:
     """The split to retry with after running out of memory: the largest micro-batch that is at
     most half of ``micro`` and divides ``micro x accum`` (so the step keeps its samples), with
@@ -56,9 +64,7 @@ def adapt(ctx: Loop, step: int, split: tuple[int, int], at_start: dict[str, Any]
         "adapted": list(split),
         "step": step,
     }
-    plan.cfg = plan.cfg.model_copy(
-        update={"per_device_train_batch_size": split[0], "gradient_accumulation_steps": split[1]}
-    )
+    plan.cfg = with_split(plan.cfg, split)
     rng.restore(at_start)
     log.warning(
         "step %d: out of memory with micro-batch %d x accumulation %d; redoing the step with "

@@ -18,7 +18,7 @@ from sftrun import constants as C
 from sftrun.config import TrainingConfig
 from sftrun.encoding import data_fingerprint
 from sftrun.errors import CheckpointError, SftrunError
-from sftrun.oom import split_of
+from sftrun.oom import split_of, with_split
 from sftrun.resume import (
     RENDER_KEYS,
     SchedulePlan,
@@ -281,8 +281,7 @@ def _check_identity(d: Decision, saved: RunSnapshot, req: Request, facts: Facts)
     """Every identity difference (``d.blocking``), with the setting that keeps the global batch
     when that is one of them; notes what --allow-data-change accepts."""
     cfg, old_args = d.cfg, saved.args
-    old_render = {k: old_args.get(k) for k in RENDER_KEYS}
-    new_render = {k: getattr(cfg, k) for k in RENDER_KEYS}
+    old_render, new_render = _renders(old_args, cfg)
     diffs = identity_differences(
         saved.identity, req.identity, old_render, new_render, facts.same_content
     )
@@ -294,6 +293,13 @@ def _check_identity(d: Decision, saved: RunSnapshot, req: Request, facts: Facts)
         d.batch_fix = keep_batch(saved_batch, cfg.per_device_train_batch_size, req.world)
 
 
+def _renders(
+    old_args: dict[str, Any], cfg: TrainingConfig
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings that shape the tokens (``resume.RENDER_KEYS``): the checkpoint's, now."""
+    return {k: old_args.get(k) for k in RENDER_KEYS}, {k: getattr(cfg, k) for k in RENDER_KEYS}
+
+
 def _keep_adapted_split(d: Decision) -> None:
     """The split a run moved to after running out of memory (``oom``), kept while the config
     still gives the split the run started with."""
@@ -301,9 +307,7 @@ def _keep_adapted_split(d: Decision) -> None:
     if not split or split_of(cfg) != tuple(split["configured"]):
         return  # none, or a split chosen for this resume (the global batch is checked)
     micro, accum = split["adapted"]
-    d.cfg = cfg.model_copy(
-        update={"per_device_train_batch_size": micro, "gradient_accumulation_steps": accum}
-    )
+    d.cfg = with_split(cfg, (micro, accum))
     d.notes.append(
         f"kept micro-batch {micro} x accumulation {accum}, which this run adapted to when it "
         f"ran out of memory at step {split['step']} (the config says "
@@ -326,8 +330,8 @@ def plan_resume(
     With ``auto`` (``--resume auto``, the retry loop's command), a checkpoint at or past the
     planned end is a complete run, never an error: no exit code makes a retry loop spin."""
     cfg = plan.cfg
-    old_render = {k: saved.args.get(k) for k in RENDER_KEYS}
-    same_content = old_render != {k: getattr(cfg, k) for k in RENDER_KEYS} and (
+    old_render, new_render = _renders(saved.args, cfg)
+    same_content = old_render != new_render and (
         data_fingerprint(cfg.train_file, old_render) == saved.identity.get("data_fingerprint")
     )
     owners = runfolder.owners(plan.out) if saved.run_id is None else {}
